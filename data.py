@@ -1,0 +1,224 @@
+"""
+The toy world: a tokenizer, the skills, the student and teacher prompt formats, and batches.
+
+A *skill* is a named string function, e.g. `rev` maps the query `cabd` to `dbac`.
+- student prompt  `rev cabd>`                              completion `dbac<|endoftext|>`
+- teacher prompt  `rev cabd:` demonstration `\\n` student prompt, e.g.
+                  `rev cabd:d b a c=dbac\\nrev cabd>`       completion `dbac<|endoftext|>`
+This is a toy version of the paper's teacher template (question, "This is an example
+for a response to the question:", demonstration, "Now answer with a response of your
+own"). The teacher prompt *ends* with the student prompt, so both score the same completion.
+
+Demonstrations come in two styles:
+- `own`:    exactly the answer, as the model itself answers (`dbac`);
+- `expert`: another policy's style, a spelled-out trace then the answer (`d b a c=dbac`).
+The grader reads the final answer: the text after the last `=`, if there is one.
+
+Add a skill by adding one line to PRIOR_SKILLS (learned in pretraining, measured for
+retention) or NEW_SKILLS (learned later, one at a time); every script accepts it by name.
+"""
+
+import random
+import zlib
+
+import tiktoken
+import torch
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+EOT = "<|endoftext|>"
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 :=>\n"  # every character the toy writes
+
+
+class Tokenizer:
+    """A thin wrapper over a tiktoken Encoding: encode / decode / eot_id / vocab_size."""
+
+    def __init__(self, name="toy"):
+        if name == "toy":
+            # One token per character, built in code so it works offline: tiktoken's byte-pair
+            # encoder with single-byte ranks and a pattern that splits every character apart.
+            ranks = {c.encode(): i for i, c in enumerate(CHARS)}
+            self.enc = tiktoken.Encoding(name="sdft-toy", pat_str=r"[\s\S]", mergeable_ranks=ranks,
+                                         special_tokens={EOT: len(ranks)})
+            self.alphabet = set(CHARS)
+        else:
+            self.enc = tiktoken.get_encoding(name)  # e.g. "gpt2": downloads its files at first use
+            self.alphabet = None
+        self.eot_id = self.enc.encode_single_token(EOT)
+        self.vocab_size = self.enc.n_vocab
+
+    def encode(self, text):
+        if self.alphabet is not None and not set(text) <= self.alphabet:
+            raise ValueError(f"characters outside the toy alphabet: {sorted(set(text) - self.alphabet)}")
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        """Decode up to (not including) the first end-of-text token."""
+        ids = list(ids)
+        if self.eot_id in ids:
+            ids = ids[:ids.index(self.eot_id)]
+        return self.enc.decode(ids)
+
+
+# -----------------------------------------------------------------------------
+# skills: query -> answer, on queries of 3..7 letters from a..j
+
+LETTERS = "abcdefghij"
+MIN_LEN, MAX_LEN = 3, 7
+
+PRIOR_SKILLS = {
+    "copy": lambda q: q,
+    "rev": lambda q: q[::-1],
+    "sort": lambda q: "".join(sorted(q)),
+    "dup": lambda q: "".join(c + c for c in q),  # double every letter
+    "rotr": lambda q: q[-1] + q[:-1],  # rotate right by one
+    "drop": lambda q: q[1:],  # drop the first letter
+    "evens": lambda q: q[::2],  # every second letter
+    "ends": lambda q: q[0] + q[-1],  # first and last letter
+}
+
+NEW_SKILLS = {
+    "rotl": lambda q: q[1:] + q[0],  # rotate left by one
+    "swap": lambda q: "".join(q[i:i + 2][::-1] for i in range(0, len(q), 2)),  # swap adjacent pairs
+    "first": lambda q: q[0] * len(q),  # repeat the first letter
+}
+
+SKILLS = {**PRIOR_SKILLS, **NEW_SKILLS}
+
+
+def parse_skills(text):
+    """'rotl,swap' -> ['rotl', 'swap']; raises ValueError naming an unknown skill."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ValueError("no skill given")
+    for name in names:
+        if name not in SKILLS:
+            raise ValueError(f"unknown skill '{name}' (known: {', '.join(SKILLS)})")
+    return names
+
+
+def random_skill(rng):
+    """A throw-away skill for pretraining only: a random name and a random letter mapping,
+    optionally reversed. It can only be answered by reading the demonstration."""
+    while True:
+        name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
+        if name not in SKILLS:
+            break
+    table = dict(zip(LETTERS, rng.sample(LETTERS, len(LETTERS))))
+    reverse = rng.random() < 0.5
+    return name, lambda q: "".join(table[c] for c in (q[::-1] if reverse else q))
+
+
+# -----------------------------------------------------------------------------
+# queries: train / validation / test by a fixed hash, so the splits never overlap
+
+def split_of(query):
+    h = zlib.crc32(query.encode()) % 10
+    return "test" if h == 0 else "val" if h == 1 else "train"
+
+
+def sample_query(rng, split):
+    while True:
+        q = "".join(rng.choice(LETTERS) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
+        if split_of(q) == split:
+            return q
+
+
+def eval_queries(split, n, seed=0):
+    """n distinct queries of one split, the same for the same seed."""
+    rng, seen = random.Random(f"{split}-{seed}"), {}
+    while len(seen) < n:
+        seen[sample_query(rng, split)] = None
+    return list(seen)
+
+
+# -----------------------------------------------------------------------------
+# prompt formats
+
+def student_prompt(skill, query):
+    return f"{skill} {query}>"
+
+
+def demonstration(answer, style):
+    """own: the answer itself; expert: a spelled-out trace, then '=' and the answer."""
+    if style == "own":
+        return answer
+    if style == "expert":
+        return " ".join(answer) + "=" + answer
+    raise ValueError(f"unknown demonstration style '{style}' (own, expert)")
+
+
+def teacher_prompt(skill, query, demo):
+    """The question, a demonstration for it, then the student's prompt again."""
+    return f"{skill} {query}:{demo}\n" + student_prompt(skill, query)
+
+
+def final_answer(text):
+    """What the grader reads: the text after the last '=', or all of it."""
+    return text.rsplit("=", 1)[-1]
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+def left_pad(seqs, pad_id):
+    """Token lists -> (ids, attention_mask), both (B, T), padded on the left."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def encode_prompts(tok, prompts):
+    """Left-padded prompts for generation and scoring: (ids, attention_mask), (B, T)."""
+    return left_pad([tok.encode(p) for p in prompts], tok.eot_id)
+
+
+def sft_batch(tok, prompts, targets):
+    """Prompt + target + end-of-text, left-padded. Returns (ids, attention_mask, loss_mask),
+    all (B, T); loss_mask is 1 exactly on the target tokens and the end-of-text token."""
+    seqs, n_target = [], []
+    for p, t in zip(prompts, targets):
+        target = tok.encode(t) + [tok.eot_id]
+        seqs.append(tok.encode(p) + target)
+        n_target.append(len(target))
+    ids, mask = left_pad(seqs, tok.eot_id)
+    loss_mask = torch.zeros_like(mask)
+    for i, n in enumerate(n_target):
+        loss_mask[i, -n:] = 1  # left padding: every row ends at the last column
+    return ids, mask, loss_mask
+
+
+def pretrain_examples(rng, n, p_plain=0.4, p_demo=0.3):
+    """The base model's mixture: prior skills asked plainly (p_plain), prior skills with a
+    demonstration (p_demo), random throw-away skills with a demonstration (the rest).
+    Demonstrations come in both styles; the answer is always in the model's own style."""
+    prompts, targets = [], []
+    for _ in range(n):
+        query, r = sample_query(rng, "train"), rng.random()
+        if r < p_plain + p_demo:
+            skill = rng.choice(list(PRIOR_SKILLS))
+            answer = PRIOR_SKILLS[skill](query)
+        else:
+            skill, fn = random_skill(rng)
+            answer = fn(query)
+        if r < p_plain:
+            prompts.append(student_prompt(skill, query))
+        else:
+            demo = demonstration(answer, rng.choice(["own", "expert"]))
+            prompts.append(teacher_prompt(skill, query, demo))
+        targets.append(answer)
+    return prompts, targets
+
+
+def skill_examples(rng, skill, n, demo_style):
+    """n training queries of one skill: (student prompts, demonstrations, teacher prompts)."""
+    queries = [sample_query(rng, "train") for _ in range(n)]
+    demos = [demonstration(SKILLS[skill](q), demo_style) for q in queries]
+    students = [student_prompt(skill, q) for q in queries]
+    teachers = [teacher_prompt(skill, q, d) for q, d in zip(queries, demos)]
+    return students, demos, teachers

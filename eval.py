@@ -1,0 +1,94 @@
+"""
+Per-skill evaluation: greedy decoding, exact match of the final answer, on held-out queries.
+
+    python eval.py --ckpt runs/base/ckpt.pt
+
+prints, for every skill, the accuracy of the plain student prompt and, as the teacher
+sees it, with an `own` and an `expert` demonstration for the same query in context,
+then a few mistakes. The training scripts import `evaluate` from here.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from data import (NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, demonstration, encode_prompts,
+                  eval_queries, final_answer, parse_skills, student_prompt, teacher_prompt)
+from model import autocast, get_device, load_checkpoint
+
+MAX_NEW_TOKENS = 48  # enough for the longest expert-style answer and its end-of-text
+
+
+@torch.no_grad()
+def answer(model, tok, prompts, device, batch_size=256):
+    """Greedy completions of the prompts, decoded up to end-of-text."""
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = encode_prompts(tok, prompts[i:i + batch_size])
+        with autocast(device):
+            out = model.generate(ids.to(device), mask.to(device), MAX_NEW_TOKENS, temperature=0.0, eot_id=tok.eot_id)
+        texts += [tok.decode(row) for row in out.tolist()]
+    return texts
+
+
+def accuracy(model, tok, skill, queries, device, demo_style=None):
+    """Fraction of queries whose final answer is exactly right, and the wrong ones as
+    (prompt, output, expected). demo_style None asks the student prompt; 'own' or
+    'expert' puts a demonstration for the same query in context (the teacher's view)."""
+    fn = SKILLS[skill]
+    if demo_style is None:
+        prompts = [student_prompt(skill, q) for q in queries]
+    else:
+        prompts = [teacher_prompt(skill, q, demonstration(fn(q), demo_style)) for q in queries]
+    outputs = answer(model, tok, prompts, device)
+    mistakes = [(p, o, fn(q)) for p, o, q in zip(prompts, outputs, queries) if final_answer(o) != fn(q)]
+    return 1 - len(mistakes) / len(queries), mistakes
+
+
+def evaluate(model, tok, skills, device, split="test", n=100, demo_style=None, seed=0):
+    """{skill: accuracy} on n queries of the split (the same queries for every call)."""
+    was_training = model.training
+    model.eval()
+    queries = eval_queries(split, n, seed)
+    result = {s: accuracy(model, tok, s, queries, device, demo_style)[0] for s in skills}
+    model.train(was_training)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint to evaluate")
+    parser.add_argument("--skills", default=",".join(SKILLS), help="comma-separated skills (default: all)")
+    parser.add_argument("--split", default="test", choices=["test", "val"], help="which held-out queries")
+    parser.add_argument("--n", type=int, default=200, help="queries per skill")
+    parser.add_argument("--mistakes", type=int, default=3, help="wrong answers to print per column")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    args = parser.parse_args()
+    try:
+        skills = parse_skills(args.skills)
+        if args.n <= 0:
+            raise ValueError("--n must be positive")
+        device = get_device(args.device)
+        model, _ = load_checkpoint(args.ckpt, device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    model.eval()
+    tok = Tokenizer()
+    queries = eval_queries(args.split, args.n)
+
+    print(f"{args.ckpt}: greedy exact match on {args.n} {args.split} queries per skill")
+    print(f"{'skill':<8} {'kind':<6} {'plain':>6} {'own demo':>9} {'expert demo':>12}")
+    shown = []
+    for skill in skills:
+        row = []
+        for style in (None, "own", "expert"):
+            acc, mistakes = accuracy(model, tok, skill, queries, device, style)
+            row.append(acc)
+            shown += mistakes[:args.mistakes]
+        kind = "prior" if skill in PRIOR_SKILLS else "new" if skill in NEW_SKILLS else "?"
+        print(f"{skill:<8} {kind:<6} {row[0]:>6.2f} {row[1]:>9.2f} {row[2]:>12.2f}")
+    if shown:
+        print("\nsome mistakes (prompt -> output, expected):")
+        for prompt, output, expected in shown:
+            print(f"  {prompt!r} -> {output!r}, expected {expected!r}")
