@@ -62,26 +62,25 @@ class Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# skills: query -> answer, on queries of 3..7 letters from a..j
+# skills: query -> answer, on queries of 3..6 distinct letters from a..j
 
 LETTERS = "abcdefghij"
-MIN_LEN, MAX_LEN = 3, 7
+MIN_LEN, MAX_LEN = 3, 6
 
 PRIOR_SKILLS = {
     "copy": lambda q: q,
     "rev": lambda q: q[::-1],
-    "sort": lambda q: "".join(sorted(q)),
-    "dup": lambda q: "".join(c + c for c in q),  # double every letter
     "rotr": lambda q: q[-1] + q[:-1],  # rotate right by one
     "drop": lambda q: q[1:],  # drop the first letter
     "evens": lambda q: q[::2],  # every second letter
     "ends": lambda q: q[0] + q[-1],  # first and last letter
+    "flip": lambda q: q[-1] + q[1:-1] + q[0],  # swap the first and last letter
 }
 
 NEW_SKILLS = {
     "rotl": lambda q: q[1:] + q[0],  # rotate left by one
     "swap": lambda q: "".join(q[i:i + 2][::-1] for i in range(0, len(q), 2)),  # swap adjacent pairs
-    "first": lambda q: q[0] * len(q),  # repeat the first letter
+    "odds": lambda q: q[1::2],  # every second letter, from the second
 }
 
 SKILLS = {**PRIOR_SKILLS, **NEW_SKILLS}
@@ -99,15 +98,21 @@ def parse_skills(text):
 
 
 def random_skill(rng):
-    """A throw-away skill for pretraining only: a random name and a random letter mapping,
-    optionally reversed. It can only be answered by reading the demonstration."""
+    """A throw-away skill for pretraining only: a random name, then its answer picks letters
+    of the query at random positions, in a random order, and half of the time maps them
+    through a random letter table. Answers come in every length and follow no pattern the
+    model could learn to recognise, so the only way to answer is to copy the demonstration:
+    this is what teaches the model to use one."""
     while True:
         name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
         if name not in SKILLS:
             break
-    table = dict(zip(LETTERS, rng.sample(LETTERS, len(LETTERS))))
-    reverse = rng.random() < 0.5
-    return name, lambda q: "".join(table[c] for c in (q[::-1] if reverse else q))
+    while True:  # positions to read, in order; at least one exists in the shortest query
+        positions = rng.sample(range(MAX_LEN), rng.randint(1, MAX_LEN))
+        if min(positions) < MIN_LEN:
+            break
+    table = dict(zip(LETTERS, rng.sample(LETTERS, len(LETTERS)) if rng.random() < 0.5 else LETTERS))
+    return name, lambda q: "".join(table[q[i]] for i in positions if i < len(q))
 
 
 # -----------------------------------------------------------------------------
@@ -119,8 +124,10 @@ def split_of(query):
 
 
 def sample_query(rng, split):
+    """A random query of the split. Its letters are distinct, so a letter's position in the
+    query is unambiguous: a model this small confuses repeated letters (`hihei` -> `hhiei`)."""
     while True:
-        q = "".join(rng.choice(LETTERS) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
+        q = "".join(rng.sample(LETTERS, rng.randint(MIN_LEN, MAX_LEN)))
         if split_of(q) == split:
             return q
 
@@ -193,20 +200,23 @@ def sft_batch(tok, prompts, targets):
     return ids, mask, loss_mask
 
 
-def pretrain_examples(rng, n, p_plain=0.4, p_demo=0.3):
-    """The base model's mixture: prior skills asked plainly (p_plain), prior skills with a
-    demonstration (p_demo), random throw-away skills with a demonstration (the rest).
-    Demonstrations come in both styles; the answer is always in the model's own style."""
+def pretrain_examples(rng, n, p_plain=0.5, p_random=0.5):
+    """n examples of the base model's mixture. With probability p_plain the whole batch is
+    prior skills asked plainly; otherwise every example has a demonstration (own or expert
+    style) and is a random throw-away skill with probability p_random, else a prior skill.
+    One format per batch keeps padding low: plain prompts are a third as long.
+    The target is always the answer in the model's own style."""
+    plain = rng.random() < p_plain
     prompts, targets = [], []
     for _ in range(n):
-        query, r = sample_query(rng, "train"), rng.random()
-        if r < p_plain + p_demo:
+        query = sample_query(rng, "train")
+        if plain or rng.random() >= p_random:
             skill = rng.choice(list(PRIOR_SKILLS))
             answer = PRIOR_SKILLS[skill](query)
         else:
             skill, fn = random_skill(rng)
             answer = fn(query)
-        if r < p_plain:
+        if plain:
             prompts.append(student_prompt(skill, query))
         else:
             demo = demonstration(answer, rng.choice(["own", "expert"]))

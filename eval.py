@@ -16,6 +16,7 @@ import torch
 from data import (NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, demonstration, encode_prompts,
                   eval_queries, final_answer, parse_skills, student_prompt, teacher_prompt)
 from model import autocast, get_device, load_checkpoint
+from sdft import completion_logits, masked_mean, per_token_divergence, rollout
 
 MAX_NEW_TOKENS = 48  # enough for the longest expert-style answer and its end-of-text
 
@@ -54,6 +55,25 @@ def evaluate(model, tok, skills, device, split="test", n=100, demo_style=None, s
     result = {s: accuracy(model, tok, s, queries, device, demo_style)[0] for s in skills}
     model.train(was_training)
     return result
+
+
+@torch.no_grad()
+def kl_from_base(model, base, tok, skill, device, split="test", n=100, seed=0):
+    """Mean per-token KL(model || base) over the model's own greedy answers to n queries of
+    the skill: how far training moved the model on that task. The paper's forgetting
+    diagnostic (after learning a new task, KL from the base: SFT 1.26 nats, SDFT 0.68), and
+    the x-axis of the forgetting law (RL's Razor: forgetting grows with this KL).
+    Full vocabulary at every answer position up to and including end-of-text."""
+    was_training = model.training
+    model.eval()
+    ids, mask = encode_prompts(tok, [student_prompt(skill, q) for q in eval_queries(split, n, seed)])
+    ids, mask = ids.to(device), mask.to(device)
+    with autocast(device):
+        completion, completion_mask = rollout(model, ids, mask, MAX_NEW_TOKENS, tok.eot_id, temperature=0.0)
+        model_logits = completion_logits(model, ids, mask, completion, completion_mask)  # (B, C, V)
+        base_logits = completion_logits(base, ids, mask, completion, completion_mask)  # (B, C, V)
+    model.train(was_training)
+    return masked_mean(per_token_divergence(model_logits, base_logits, alpha=1.0), completion_mask).item()
 
 
 if __name__ == "__main__":

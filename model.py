@@ -196,9 +196,17 @@ def sample_next_token(logits, temperature, top_k=None, generator=None):
 # device and precision
 
 def get_device(name=None):
-    """The requested device, else cuda, then mps, then cpu."""
+    """The requested device, else cuda, then mps, then cpu. Raises ValueError (one sentence)
+    for a device name PyTorch does not know or a device this machine does not have."""
     if name:
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"unknown device '{name}' (cuda, mps or cpu)") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(device.type, False):
+            raise ValueError(f"device '{name}' is not available on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

@@ -5,12 +5,12 @@ Supervised fine-tuning (SFT): next-token training on demonstrations, used two wa
    skills plainly and with demonstrations, random throw-away skills with demonstrations),
    which gives it the prior skills and the ability to read a demonstration in context:
 
-       python train_sft.py --pretrain --out runs/base          # ~5 min on 2 CPU cores
+       python train_sft.py --pretrain --out runs/base          # ~6 min on 2 CPU cores
 
 2. The SFT baseline: from a base checkpoint, learn new skills one after another from
    their demonstrations, evaluating every skill after each stage:
 
-       python train_sft.py --init runs/base/ckpt.pt --skills rotl,swap,first --out runs/sft
+       python train_sft.py --init runs/base/ckpt.pt --skills rotl,swap,odds --out runs/sft
 
 A stage ends when the current skill's validation accuracy reaches --stop-at or its step
 budget runs out (train_sdft.py uses the same rule). The loss covers the target tokens
@@ -19,6 +19,7 @@ every stage and OUT/metrics.jsonl (one record per step, eval, and stage).
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from data import (NEW_SKILLS, PRIOR_SKILLS, Tokenizer, parse_skills, pretrain_examples,
                   sft_batch, skill_examples)
-from eval import evaluate
+from eval import evaluate, kl_from_base
 from model import GPT, GPTConfig, autocast, get_device, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -53,9 +54,9 @@ parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
 parser.add_argument("--n-head", type=int, default=4, help="attention heads")
 parser.add_argument("--n-embd", type=int, default=128, help="model width")
 # optimisation
-parser.add_argument("--steps", type=int, default=None, help="step budget per stage (default: 3000 pretraining, 300 per skill)")
+parser.add_argument("--steps", type=int, default=None, help="step budget per stage (default: 5000 pretraining, 300 per skill)")
 parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
-parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 pretraining, 3e-5 per skill)")
+parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 pretraining, 1e-4 per skill)")
 parser.add_argument("--warmup", type=int, default=10, help="linear warmup steps of the cosine schedule")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
 # evaluation
@@ -64,9 +65,9 @@ parser.add_argument("--eval-n", type=int, default=100, help="queries per skill f
 parser.add_argument("--stop-at", type=float, default=0.95, help="end a stage when the skill's validation accuracy reaches this")
 args = parser.parse_args()
 if args.steps is None:
-    args.steps = 3000 if args.pretrain else 300
+    args.steps = 5000 if args.pretrain else 300
 if args.lr is None:
-    args.lr = 1e-3 if args.pretrain else 3e-5
+    args.lr = 1e-3 if args.pretrain else 1e-4
 
 try:
     if not 0 < args.stop_at <= 1:
@@ -77,6 +78,7 @@ try:
     if args.lr <= 0 or args.warmup < 0 or args.grad_clip <= 0:
         raise ValueError("--lr and --grad-clip must be positive and --warmup non-negative")
     skills = [] if args.pretrain else parse_skills(args.skills)
+    device = get_device(args.device)
 except ValueError as e:
     sys.exit(f"error: {e}")
 
@@ -86,7 +88,6 @@ except ValueError as e:
 random.seed(args.seed)
 np.random.seed(args.seed)
 torch.manual_seed(args.seed)
-device = get_device(args.device)
 tok = Tokenizer()
 data_rng = random.Random(args.seed)  # draws the training queries: the same for SFT and SDFT
 
@@ -99,6 +100,7 @@ else:
         model, _ = load_checkpoint(args.init, device)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    base = copy.deepcopy(model).eval()  # the starting model, frozen: how far does each stage move from it?
     stages = skills
 all_skills = list(PRIOR_SKILLS) + list(NEW_SKILLS)
 print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device}")
@@ -156,8 +158,8 @@ for stage, skill in enumerate(stages):
         loss = (token_loss * weights).sum() / weights.sum()  # mean over target tokens
 
         # step
-        if not torch.isfinite(loss):
-            sys.exit(f"error: non-finite loss at stage {stage + 1} step {step}; {ckpt_path} keeps the last good stage")
+        if not torch.isfinite(loss):  # stop before the update: nothing is saved, ckpt.pt stays as it was
+            sys.exit(f"error: non-finite loss at stage {stage + 1} step {step}; stopped without saving this stage")
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -175,9 +177,11 @@ for stage, skill in enumerate(stages):
 
     # end of stage: test accuracy on every skill, then checkpoint
     accuracy = evaluate(model, tok, all_skills, device, split="test", n=args.eval_n)
+    kl = None if skill == "pretrain" else kl_from_base(model, base, tok, skill, device, n=args.eval_n)
     seconds = time.time() - t_stage
-    log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy})
-    print(f"stage {stage + 1}/{len(stages)} {skill} done: {step} steps, {seconds:.0f}s")
+    log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy, "kl_from_base": kl})
+    print(f"stage {stage + 1}/{len(stages)} {skill} done: {step} steps, {seconds:.0f}s"
+          + ("" if kl is None else f", kl_from_base {kl:.3f}"))
     print("  " + " ".join(f"{s} {a:.2f}" for s, a in accuracy.items()))
     save_checkpoint(ckpt_path, model, args, step, stage=stage, skills=stages)
 

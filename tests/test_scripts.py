@@ -1,0 +1,229 @@
+"""
+Smoke tests of the scripts (train_sft.py, eval.py) through subprocess, with tiny budgets:
+they run, write what they promise, are reproducible, and fail cleanly on bad input.
+
+    python -m pytest -q tests/test_scripts.py
+
+A tiny pretrained checkpoint (1 layer, 32 wide, 3 steps) is made once per module and shared.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data import NEW_SKILLS, PRIOR_SKILLS, SKILLS
+from model import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_SKILLS = list(PRIOR_SKILLS) + list(NEW_SKILLS)
+PRETRAIN = ["train_sft.py", "--pretrain", "--steps", 3, "--n-layer", 1, "--n-embd", 32, "--n-head", 2,
+            "--eval-n", 4, "--device", "cpu"]
+
+
+def script_env():
+    # One intra-op thread per process: on 2 shared cores, more threads make these runs ~5x slower.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def start(*args):
+    """Start a script in the repo root; several started together run side by side."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=180):
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, stdout, stderr
+
+
+def run(*args):
+    return finish(start(*args))
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def pretrain_runs(tmp_path_factory):
+    """The same tiny pretraining run twice, side by side (seed 0).
+    Returns {name: (out dir, returncode, stdout, stderr)}."""
+    root = tmp_path_factory.mktemp("scripts")
+    procs = {name: start(*PRETRAIN, "--seed", 0, "--out", root / name) for name in ("base", "base_again")}
+    return {name: (root / name, *finish(proc)) for name, proc in procs.items()}
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(pretrain_runs):
+    out, rc, _, stderr = pretrain_runs["base"]
+    assert rc == 0, stderr
+    return out / "ckpt.pt"
+
+
+# -----------------------------------------------------------------------------
+# train_sft.py
+
+def test_pretrain_smoke(pretrain_runs):
+    out, rc, stdout, stderr = pretrain_runs["base"]
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr
+    assert (out / "ckpt.pt").is_file() and not (out / "ckpt.pt.tmp").exists()
+    records = read_metrics(out)
+    steps = [r for r in records if "loss" in r]
+    stages = [r for r in records if "accuracy" in r]
+    assert [r["step"] for r in steps] == [0, 1, 2]
+    for r in steps:
+        assert r["skill"] == "pretrain" and math.isfinite(r["loss"]) and r["loss"] > 0
+        assert r["lr"] > 0 and r["ms"] >= 0
+    assert steps[0]["loss"] == pytest.approx(math.log(42), rel=0.1)  # untrained: about uniform
+    assert len(stages) == 1 and stages[0]["skill"] == "pretrain" and stages[0]["steps"] == 3
+    assert list(stages[0]["accuracy"]) == ALL_SKILLS
+    assert all(0 <= a <= 1 for a in stages[0]["accuracy"].values())
+    assert "loss" in stdout and "pretrain done" in stdout
+    model, ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (1, 2, 32)
+    assert model.config.vocab_size == 42
+    assert ckpt["step"] == 3 and ckpt["skills"] == ["pretrain"] and ckpt["args"]["pretrain"] is True
+
+
+def test_pretrain_reproducible(pretrain_runs):
+    """The same seed twice: identical losses and weights."""
+    losses = {}
+    for name, (out, rc, _, stderr) in pretrain_runs.items():
+        assert rc == 0, (name, stderr)
+        losses[name] = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses["base"]) == 3
+    assert losses["base"] == losses["base_again"]
+    a = torch.load(pretrain_runs["base"][0] / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(pretrain_runs["base_again"][0] / "ckpt.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_smoke(base_ckpt, tmp_path):
+    out = tmp_path / "sft"
+    rc, stdout, stderr = run("train_sft.py", "--init", base_ckpt, "--skills", "rotl,swap", "--steps", 2,
+                             "--eval-every", 1, "--eval-n", 4, "--device", "cpu", "--out", out)
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr
+    records = read_metrics(out)
+    stages = [r for r in records if "accuracy" in r]
+    assert [(r["stage"], r["skill"]) for r in stages] == [(0, "rotl"), (1, "swap")]
+    for r in stages:
+        assert list(r["accuracy"]) == ALL_SKILLS and all(0 <= a <= 1 for a in r["accuracy"].values())
+    steps = [r for r in records if "loss" in r]
+    assert [(r["skill"], r["step"]) for r in steps] == [("rotl", 0), ("rotl", 1), ("swap", 0), ("swap", 1)]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
+    evals = [r for r in records if "val_acc" in r]  # --eval-every 1: before each step
+    assert [(r["skill"], r["step"]) for r in evals] == [("rotl", 0), ("rotl", 1), ("swap", 0), ("swap", 1)]
+    model, ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["stage"] == 1 and ckpt["skills"] == ["rotl", "swap"]
+    assert (model.config.n_layer, model.config.n_embd) == (1, 32)  # size read from the base checkpoint
+    base, _ = load_checkpoint(str(base_ckpt))
+    assert any(not torch.equal(p, q) for p, q in zip(model.state_dict().values(), base.state_dict().values()))
+
+
+# -----------------------------------------------------------------------------
+# eval.py
+
+def parse_eval_rows(stdout):
+    """{skill: (kind, plain, own, expert)} from eval.py's table."""
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0] in SKILLS:
+            rows[parts[0]] = (parts[1], *map(float, parts[2:]))
+    return rows
+
+
+def test_eval_smoke(base_ckpt):
+    rc, stdout, stderr = run("eval.py", "--ckpt", base_ckpt, "--n", 4, "--device", "cpu")
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr
+    rows = parse_eval_rows(stdout)
+    assert list(rows) == list(SKILLS)
+    for skill, (kind, *accs) in rows.items():
+        assert kind == ("prior" if skill in PRIOR_SKILLS else "new")
+        assert all(0 <= a <= 1 for a in accs)
+
+
+# -----------------------------------------------------------------------------
+# bad input: a non-zero exit and one "error:" line, never a traceback
+
+BAD_INPUTS = [  # (script and flags, text the error line must contain); {base} {missing} {corrupt} are paths
+    (["eval.py", "--ckpt", "{missing}"], "no checkpoint"),
+    (["eval.py", "--ckpt", "{corrupt}"], "not a readable checkpoint"),
+    (["eval.py", "--ckpt", "{base}", "--skills", "rotl,nope"], "nope"),
+    (["eval.py", "--ckpt", "{base}", "--n", "0"], "--n"),
+    (["train_sft.py", "--init", "{missing}"], "no checkpoint"),
+    (["train_sft.py", "--init", "{corrupt}"], "not a readable checkpoint"),
+    (["train_sft.py", "--init", "{base}", "--skills", "rotl,nope"], "nope"),
+    (["train_sft.py", "--init", "{base}", "--stop-at", "0"], "--stop-at"),
+    (["train_sft.py", "--init", "{base}", "--stop-at", "1.5"], "--stop-at"),
+    (["train_sft.py", "--init", "{base}", "--steps", "0"], "--steps"),
+    (["train_sft.py", "--pretrain", "--steps", "0"], "--steps"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(base_ckpt, tmp_path_factory):
+    """Every bad input of BAD_INPUTS, plus a run that fails in the middle of training, all side
+    by side (most of each run is importing torch). The train_sft.py runs write into --out
+    directories that already hold a good checkpoint and its metrics.
+    Returns (tmp dir, [(flags, needle, returncode, stderr)], bytes of the good checkpoint)."""
+    tmp = tmp_path_factory.mktemp("bad")
+    corrupt = tmp / "corrupt.pt"
+    corrupt.write_bytes(base_ckpt.read_bytes()[:1000])  # a truncated checkpoint
+    paths = {"base": base_ckpt, "missing": tmp / "missing.pt", "corrupt": corrupt}
+    for name in ("out", "out_late"):
+        (tmp / name).mkdir()
+        shutil.copy(base_ckpt, tmp / name / "ckpt.pt")
+        shutil.copy(base_ckpt.parent / "metrics.jsonl", tmp / name / "metrics.jsonl")
+    cases, procs = [], []
+    for flags, needle in BAD_INPUTS:
+        args = [a.format(**paths) for a in flags]
+        if args[0] == "train_sft.py":
+            args += ["--eval-n", "4", "--out", str(tmp / "out")]
+        cases.append((args, needle))
+    # fails at its second step: a huge learning rate makes the loss non-finite
+    cases.append((["train_sft.py", "--init", str(base_ckpt), "--skills", "rotl", "--steps", "3", "--lr", "1e30",
+                   "--warmup", "0", "--eval-every", "100", "--eval-n", "2", "--out", str(tmp / "out_late")],
+                  "non-finite loss"))
+    procs = [start(*args, "--device", "cpu") for args, _ in cases]
+    results = [(args, needle, *finish(proc)[::2]) for (args, needle), proc in zip(cases, procs)]
+    return tmp, results, base_ckpt.read_bytes()
+
+
+def check_clean_error(rc, stderr, needle, what):
+    lines = stderr.strip().splitlines()
+    assert rc != 0, what
+    assert "Traceback" not in stderr, (what, stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:"), (what, stderr)
+    assert needle in lines[0], (what, lines[0])
+
+
+def test_bad_input(bad_runs):
+    _, results, _ = bad_runs
+    assert len(results) == len(BAD_INPUTS) + 1
+    for args, needle, rc, stderr in results:
+        check_clean_error(rc, stderr, needle, args)
+
+
+def test_failing_run_keeps_good_checkpoint(bad_runs, base_ckpt):
+    """Runs that fail, before training (unknown skill, missing or corrupt --init, bad flags) or
+    in the middle of it (non-finite loss), leave the checkpoint already in --out byte for byte
+    as it was, and leave no temporary file."""
+    tmp, results, good = bad_runs
+    assert any("rotl,nope" in args for args, *_ in results)  # an unknown skill was among them
+    assert (tmp / "out" / "ckpt.pt").read_bytes() == good
+    # rejected before anything was started, so the old metrics are kept too
+    assert (tmp / "out" / "metrics.jsonl").read_text() == (base_ckpt.parent / "metrics.jsonl").read_text()
+    assert (tmp / "out_late" / "ckpt.pt").read_bytes() == good
+    for name in ("out", "out_late"):
+        assert sorted(os.listdir(tmp / name)) == ["ckpt.pt", "metrics.jsonl"]
