@@ -220,7 +220,8 @@ def autocast(device):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: one dict {model, model_config, args, step, ...}
+# checkpoints: one dict {model, model_config, args, step, ...}; the training scripts add
+# what --resume needs (stage, stage_done, teacher, optimizer, RNG states, metrics_lines)
 
 def save_checkpoint(path, model, args, step, **extra):
     """Write atomically: to a temporary file, then rename over the old one, so an
@@ -245,3 +246,23 @@ def load_checkpoint(path, device="cpu"):
     except Exception as e:  # truncated, corrupt, or not a checkpoint of this model at all
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     return model.to(device), ckpt
+
+
+def check_resume(ckpt, path, model, stages, args, n_shards):
+    """Raise ValueError (one sentence) unless ckpt continues this run: the same model config,
+    skills, micro-batches in all, and settings (--out, --resume, --ckpt-every and how the
+    micro-batches are spread over processes and --grad-accum may change)."""
+    if "optimizer" not in ckpt:
+        raise ValueError(f"{path} holds no training state to resume from")
+    if ckpt["model_config"] != asdict(model.config):
+        raise ValueError(f"{path} holds a model of another config ({ckpt['model_config']}) than this run's "
+                         f"({asdict(model.config)})")
+    if ckpt["skills"] != stages:
+        raise ValueError(f"{path} was trained on skills {','.join(ckpt['skills'])}, not {','.join(stages)}")
+    if len(ckpt["data_rng"]) != n_shards:
+        raise ValueError(f"{path} was written by a run of {len(ckpt['data_rng'])} micro-batches per step "
+                         f"(processes x --grad-accum), not {n_shards}")
+    for key, value in vars(args).items():
+        if key not in ("out", "resume", "ckpt_every", "grad_accum") and ckpt["args"].get(key) != value:
+            raise ValueError(f"{path} was written with --{key.replace('_', '-')} {ckpt['args'].get(key)}, "
+                             f"not {value}: resume with the run's own settings")

@@ -5,6 +5,8 @@ From a base checkpoint, learn new skills one after another, evaluating every ski
 each stage:
 
     python train_sdft.py --init runs/base/ckpt.pt --skills rotl,swap,odds --out runs/sdft
+    torchrun --nproc_per_node 2 train_sdft.py --init runs/base/ckpt.pt --out runs/sdft   # 2 processes
+    python train_sdft.py --init runs/base/ckpt.pt --out runs/sdft --resume               # continue OUT/ckpt.pt
 
 Each step: the student samples one answer per query (temperature 1); the teacher, an
 EMA of the student shown a demonstration for the same query, scores that answer; the
@@ -12,8 +14,8 @@ loss is the per-token forward KL(teacher || student) over the full vocabulary (s
 the method, the README the recipe). Simplified for the toy: no completion tokens are skipped
 by default (the paper skips 3, but a toy answer is only 3 to 6 tokens long). A stage
 ends when the current skill's validation accuracy reaches --stop-at or its step budget
-runs out (the same rule as train_sft.py). Writes OUT/ckpt.pt after every stage and
-OUT/metrics.jsonl (one record per step, eval, and stage).
+runs out (the same rule as train_sft.py). Writes OUT/ckpt.pt after every stage (and every
+--ckpt-every steps) and OUT/metrics.jsonl (one record per step, eval, and stage).
 """
 
 import argparse
@@ -27,11 +29,13 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (LETTERS, MAX_LEN, NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, demonstration, encode_prompts,
                   parse_skills, skill_examples, teacher_prompt)
 from eval import evaluate, kl_from_base
-from model import autocast, get_device, load_checkpoint, save_checkpoint
+from model import autocast, check_resume, get_device, load_checkpoint, save_checkpoint
 from sdft import ema_update, loss_mask, make_teacher, masked_mean, per_token_divergence, rollout, score
 
 # -----------------------------------------------------------------------------
@@ -42,6 +46,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--out", default="runs/sdft", help="directory for ckpt.pt and metrics.jsonl")
 parser.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch: same seed, same run")
 parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+parser.add_argument("--resume", action="store_true", help="continue the run in OUT/ckpt.pt (with the same settings)")
+parser.add_argument("--ckpt-every", type=int, default=50, help="also write OUT/ckpt.pt every this many steps (0: only after each stage)")
 # what to learn
 parser.add_argument("--init", default="runs/base/ckpt.pt", help="base checkpoint to fine-tune")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
@@ -55,7 +61,8 @@ parser.add_argument("--skip", type=int, default=0, help="leave the first SKIP co
 parser.add_argument("--max-new-tokens", type=int, default=32, help="longest student rollout")
 # optimisation
 parser.add_argument("--steps", type=int, default=300, help="step budget per stage")
-parser.add_argument("--batch-size", type=int, default=32, help="queries per step (one rollout each)")
+parser.add_argument("--batch-size", type=int, default=32, help="queries per step (one rollout each), split over processes and micro-batches")
+parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step in each process, gradients summed (less memory)")
 parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
 parser.add_argument("--warmup", type=int, default=10, help="linear warmup steps of the cosine schedule")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
@@ -65,14 +72,34 @@ parser.add_argument("--eval-n", type=int, default=100, help="queries per skill f
 parser.add_argument("--stop-at", type=float, default=0.95, help="end a stage when the skill's validation accuracy reaches this")
 args = parser.parse_args()
 
+# distributed: torchrun sets RANK and WORLD_SIZE; a plain run is rank 0 of 1
+ddp = int(os.environ.get("RANK", -1)) != -1
+rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+master = rank == 0  # the one process that prints, logs and writes checkpoints
+n_shards = world_size * args.grad_accum  # micro-batches per step, over all processes
+
+
+def print0(*a):
+    if master:
+        print(*a)
+
+
+def fail(message):
+    """Stop with one 'error:' line (from rank 0 only) and a non-zero exit."""
+    sys.exit(f"error: {message}" if master else 1)
+
+
 try:
     if not 0 < args.stop_at <= 1:
         raise ValueError(f"--stop-at must be in (0, 1], got {args.stop_at}")
-    for flag in ("steps", "batch_size", "eval_every", "eval_n", "max_new_tokens"):
+    for flag in ("steps", "batch_size", "grad_accum", "eval_every", "eval_n", "max_new_tokens"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.lr <= 0 or args.warmup < 0 or args.grad_clip <= 0:
-        raise ValueError("--lr and --grad-clip must be positive and --warmup non-negative")
+    if args.lr <= 0 or args.warmup < 0 or args.grad_clip <= 0 or args.ckpt_every < 0:
+        raise ValueError("--lr and --grad-clip must be positive and --warmup and --ckpt-every non-negative")
+    if args.batch_size % n_shards:
+        raise ValueError(f"--batch-size {args.batch_size} does not split into {world_size} processes x "
+                         f"{args.grad_accum} micro-batches (--grad-accum)")
     if not 0 <= args.alpha <= 1:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     if not 0 < args.ema_rate <= 1:
@@ -82,7 +109,12 @@ try:
     skills = parse_skills(args.skills)
     device = get_device(args.device)
 except ValueError as e:
-    sys.exit(f"error: {e}")
+    fail(e)
+if ddp:  # one process per device: nccl between GPUs, gloo between CPU processes
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 # -----------------------------------------------------------------------------
 # setup
@@ -91,8 +123,14 @@ random.seed(args.seed)
 np.random.seed(args.seed)
 torch.manual_seed(args.seed)
 tok = Tokenizer()
-data_rng = random.Random(args.seed)  # draws the training queries: the same for SFT and SDFT
-generator = torch.Generator(device).manual_seed(args.seed)  # draws the student's rollouts
+# Micro-batch i of every step draws from seed + i: micro-batch 0 is a plain run's stream, and
+# the same micro-batches make the same run whether they are spread over processes or --grad-accum.
+shards = range(rank * args.grad_accum, (rank + 1) * args.grad_accum)  # this process's micro-batches
+data_rngs = [random.Random(args.seed + i) for i in shards]  # draw the training queries: the same for SFT and SDFT
+generators = [torch.Generator(device).manual_seed(args.seed + i) for i in shards]  # draw the student's rollouts
+micro_batch_size = args.batch_size // n_shards
+ckpt_path = os.path.join(args.out, "ckpt.pt")
+metrics = []  # the records already in OUT/metrics.jsonl that this run keeps
 
 try:
     model, _ = load_checkpoint(args.init, device)
@@ -102,22 +140,46 @@ try:
     if longest + args.max_new_tokens > model.config.block_size:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit: the teacher prompt takes up to "
                          f"{longest} of the model's {model.config.block_size} positions")
-except ValueError as e:
-    sys.exit(f"error: {e}")
+    if args.resume:  # everything is checked before anything in OUT is touched
+        _, resume = load_checkpoint(ckpt_path, device)
+        check_resume(resume, ckpt_path, model, skills, args, n_shards)
+        with open(os.path.join(args.out, "metrics.jsonl")) as f:
+            metrics = f.readlines()[:resume["metrics_lines"]]  # the records up to the checkpoint
+except (ValueError, OSError) as e:
+    fail(e)
 teacher = make_teacher(model, args.teacher)  # one teacher across all stages
 base = copy.deepcopy(model).eval()  # the starting model, frozen: how far does each stage move from it?
 stages = skills
 all_skills = list(PRIOR_SKILLS) + list(NEW_SKILLS)
-print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device}; teacher: {args.teacher}")
+start_stage, start_step, optimizer_state = 0, 0, None
+if args.resume:  # continue where the checkpoint left off: weights, optimizer, position, RNG streams
+    model.load_state_dict(resume["model"])
+    if args.teacher != "live":
+        teacher.load_state_dict(resume["teacher"])
+    start_stage, start_step = (resume["stage"] + 1, 0) if resume["stage_done"] else (resume["stage"], resume["step"])
+    optimizer_state = None if resume["stage_done"] else resume["optimizer"]
+    for data_rng, generator, i in zip(data_rngs, generators, shards):
+        data_rng.setstate(resume["data_rng"][i])
+        generator.set_state(resume["rollout_rng"][i].cpu())
+    torch.set_rng_state(resume["torch_rng"].cpu())
+# Only the student pass goes through DDP, which averages the gradients over processes;
+# rollouts, evaluation and checkpoints use the plain model.
+ddp_model = DDP(model) if ddp else model
+print0(f"model: {model.num_params() / 1e6:.2f}M parameters on {device}; teacher: {args.teacher}"
+       + (f"; {world_size} processes" if ddp else "") + (f"; resuming stage {start_stage + 1} step {start_step}" if args.resume else ""))
 
 os.makedirs(args.out, exist_ok=True)
-ckpt_path = os.path.join(args.out, "ckpt.pt")
-log_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
+if master:
+    log_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
+    log_file.writelines(metrics)
+n_records = len(metrics)  # saved in checkpoints: --resume keeps this many records
 
 
-def log(record):
+def log(record):  # rank 0 only
+    global n_records
     log_file.write(json.dumps(record) + "\n")
     log_file.flush()
+    n_records += 1
 
 
 def lr_at(step):
@@ -128,9 +190,24 @@ def lr_at(step):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def get_batch(skill):
-    students, _, teachers = skill_examples(data_rng, skill, args.batch_size, args.demo_style)
+def get_batch(skill, data_rng):
+    students, _, teachers = skill_examples(data_rng, skill, micro_batch_size, args.demo_style)
     return [t.to(device) for t in (*encode_prompts(tok, students), *encode_prompts(tok, teachers))]
+
+
+def checkpoint(stage, step, stage_done, optimizer):
+    """Write OUT/ckpt.pt with everything --resume needs. Every process sends its RNG states;
+    rank 0 writes (to a temporary file, then renamed)."""
+    rng = [(r.getstate(), g.get_state()) for r, g in zip(data_rngs, generators)]
+    if ddp:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, rng)
+        rng = [state for states in gathered for state in states]  # in micro-batch order
+    if master:
+        save_checkpoint(ckpt_path, model, args, step, stage=stage, skills=stages, stage_done=stage_done,
+                        teacher=None if args.teacher == "live" else teacher.state_dict(),
+                        optimizer=optimizer.state_dict(), data_rng=[r for r, _ in rng],
+                        rollout_rng=[g for _, g in rng], torch_rng=torch.get_rng_state(), metrics_lines=n_records)
 
 
 # -----------------------------------------------------------------------------
@@ -138,65 +215,95 @@ def get_batch(skill):
 
 t_start = time.time()
 for stage, skill in enumerate(stages):
+    if stage < start_stage:
+        continue  # finished before --resume
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if optimizer_state is not None:  # --resume in the middle of this stage
+        optimizer.load_state_dict(optimizer_state)
     t_stage = time.time()
     model.train()
-    for step in range(args.steps):
-        # evaluate: stop the stage once the skill is learned
+    for step in range(start_step, args.steps):
+        # evaluate: stop the stage once the skill is learned (rank 0 decides, every process stops)
         if step % args.eval_every == 0:
-            val_acc = evaluate(model, tok, [skill], device, split="val", n=args.eval_n)[skill]
-            log({"stage": stage, "skill": skill, "step": step, "val_acc": val_acc})
-            print(f"stage {stage + 1}/{len(stages)} {skill} | step {step} | val_acc {val_acc:.2f}")
-            if val_acc >= args.stop_at:
+            stop = torch.zeros(1, device=device)
+            if master:
+                val_acc = evaluate(model, tok, [skill], device, split="val", n=args.eval_n)[skill]
+                log({"stage": stage, "skill": skill, "step": step, "val_acc": val_acc})
+                print(f"stage {stage + 1}/{len(stages)} {skill} | step {step} | val_acc {val_acc:.2f}")
+                stop[0] = val_acc >= args.stop_at
+            if ddp:
+                dist.broadcast(stop, 0)
+            if stop.item():
                 break
 
-        # batch: the student samples its own answer to each query (on-policy)
-        t0 = time.time()
-        student_ids, student_mask, teacher_ids, teacher_mask = get_batch(skill)
-        with autocast(device):
-            completion, completion_mask = rollout(model, student_ids, student_mask, args.max_new_tokens,
-                                                  tok.eot_id, generator)  # (B, C) each
-        t_gen = time.time()
-        # loss: the teacher, shown the demonstration, scores the student's tokens
-        with autocast(device):
-            student_logits, teacher_logits = score(model, teacher, student_ids, student_mask, teacher_ids,
-                                                   teacher_mask, completion, completion_mask)  # (B, C, V) each
-        per_token = per_token_divergence(student_logits, teacher_logits, args.alpha)  # (B, C)
-        mask = loss_mask(completion_mask, args.skip)  # padding, after end-of-text, first tokens: out
-        loss = masked_mean(per_token, mask)  # mean over valid tokens of the batch
+        t0, gen_ms = time.time(), 0.0
+        stats = torch.zeros(4, device=device)  # loss, kl, length, ended, summed over this process's micro-batches
+        for k, (data_rng, generator) in enumerate(zip(data_rngs, generators)):
+            # batch: the student samples its own answer to each query (on-policy)
+            t_micro = time.time()
+            if ddp:  # set before the forward: DDP averages the gradients once, after the last micro-batch
+                ddp_model.require_backward_grad_sync = k == args.grad_accum - 1
+            student_ids, student_mask, teacher_ids, teacher_mask = get_batch(skill, data_rng)
+            with autocast(device):
+                completion, completion_mask = rollout(model, student_ids, student_mask, args.max_new_tokens,
+                                                      tok.eot_id, generator)  # (B, C) each
+            gen_ms += (time.time() - t_micro) * 1000
+            # loss: the teacher, shown the demonstration, scores the student's tokens
+            with autocast(device):
+                student_logits, teacher_logits = score(ddp_model, teacher, student_ids, student_mask, teacher_ids,
+                                                       teacher_mask, completion, completion_mask)  # (B, C, V) each
+            per_token = per_token_divergence(student_logits, teacher_logits, args.alpha)  # (B, C)
+            mask = loss_mask(completion_mask, args.skip)  # padding, after end-of-text, first tokens: out
+            loss = masked_mean(per_token, mask)  # mean over this micro-batch's valid tokens
+            # Divided by the micro-batches here and by the processes in DDP: the step's loss is the
+            # mean of the micro-batches' token means (with one of them, the token mean of the batch).
+            (loss / args.grad_accum).backward()
+            stats += torch.stack([loss.detach(), masked_mean(per_token.detach(), completion_mask),  # kl: every completion token
+                                  completion_mask.sum(1).float().mean(),  # length, up to and including end-of-text
+                                  (completion == tok.eot_id).any(1).float().mean()])  # rollouts that finished
+        if ddp:
+            dist.all_reduce(stats)  # summed over processes, so every process sees the same values
+        loss, kl, length, ended = (stats / n_shards).tolist()
 
-        # step
-        if not torch.isfinite(loss):  # stop before the update: nothing is saved, ckpt.pt stays as it was
-            sys.exit(f"error: non-finite loss at stage {stage + 1} step {step}; stopped without saving this stage")
+        # step: not when the loss or the gradient is non-finite; ckpt.pt stays the last good one
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        for what, value in (("loss", loss), ("gradient", grad_norm.item())):
+            if not math.isfinite(value):
+                fail(f"non-finite {what} at stage {stage + 1} step {step}; stopped before the update, "
+                     f"{ckpt_path} (if any) is the last good checkpoint")
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if args.teacher == "ema":
-            ema_update(teacher, model, args.ema_rate)  # after every optimizer step
+            # after every optimizer step; DDP keeps the student identical everywhere, so is the teacher
+            ema_update(teacher, model, args.ema_rate)
 
         # log
-        ms, gen_ms, update_ms = (time.time() - t0) * 1000, (t_gen - t0) * 1000, (time.time() - t_gen) * 1000
-        kl = masked_mean(per_token.detach(), completion_mask).item()  # over every completion token
-        length = completion_mask.sum(1).float().mean().item()  # tokens up to and including end-of-text
-        ended = (completion == tok.eot_id).any(1).float().mean().item()  # rollouts that finished
-        log({"stage": stage, "skill": skill, "step": step, "loss": loss.item(), "kl": kl, "length": length,
-             "ended": ended, "lr": lr, "ms": ms, "gen_ms": gen_ms, "update_ms": update_ms})
-        print(f"stage {stage + 1}/{len(stages)} {skill} | step {step + 1}/{args.steps} | loss {loss.item():.4f} | kl {kl:.4f} "
-              f"| len {length:.1f} | ended {ended:.2f} | lr {lr:.2e} | {ms:.0f}ms (gen {gen_ms:.0f}, update {update_ms:.0f})")
+        ms = (time.time() - t0) * 1000
+        update_ms = ms - gen_ms
+        if master:
+            log({"stage": stage, "skill": skill, "step": step, "loss": loss, "kl": kl, "length": length,
+                 "ended": ended, "lr": lr, "ms": ms, "gen_ms": gen_ms, "update_ms": update_ms})
+        print0(f"stage {stage + 1}/{len(stages)} {skill} | step {step + 1}/{args.steps} | loss {loss:.4f} | kl {kl:.4f} "
+               f"| len {length:.1f} | ended {ended:.2f} | lr {lr:.2e} | {ms:.0f}ms (gen {gen_ms:.0f}, update {update_ms:.0f})")
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+            checkpoint(stage, step + 1, False, optimizer)  # in the middle of the stage, for --resume
     else:
         step = args.steps  # the whole budget ran
+    start_step, optimizer_state = 0, None  # later stages start afresh
 
-    # end of stage: test accuracy on every skill, then checkpoint
-    accuracy = evaluate(model, tok, all_skills, device, split="test", n=args.eval_n)
-    kl = kl_from_base(model, base, tok, skill, device, n=args.eval_n)
-    seconds = time.time() - t_stage
-    log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy, "kl_from_base": kl})
-    print(f"stage {stage + 1}/{len(stages)} {skill} done: {step} steps, {seconds:.0f}s, kl_from_base {kl:.3f}")
-    print("  " + " ".join(f"{s} {a:.2f}" for s, a in accuracy.items()))
-    save_checkpoint(ckpt_path, model, args, step, stage=stage, skills=stages)
+    # end of stage: test accuracy on every skill (rank 0), then checkpoint
+    if master:
+        accuracy = evaluate(model, tok, all_skills, device, split="test", n=args.eval_n)
+        kl = kl_from_base(model, base, tok, skill, device, n=args.eval_n)
+        seconds = time.time() - t_stage
+        log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy, "kl_from_base": kl})
+        print(f"stage {stage + 1}/{len(stages)} {skill} done: {step} steps, {seconds:.0f}s, kl_from_base {kl:.3f}")
+        print("  " + " ".join(f"{s} {a:.2f}" for s, a in accuracy.items()))
+    checkpoint(stage, step, True, optimizer)
 
-print(f"total time {time.time() - t_start:.0f}s; checkpoint {ckpt_path}")
+print0(f"total time {time.time() - t_start:.0f}s; checkpoint {ckpt_path}")
+if ddp:
+    dist.destroy_process_group()

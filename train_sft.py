@@ -12,10 +12,14 @@ Supervised fine-tuning (SFT): next-token training on demonstrations, used two wa
 
        python train_sft.py --init runs/base/ckpt.pt --skills rotl,swap,odds --out runs/sft
 
+Several processes: `torchrun --nproc_per_node 2 train_sft.py ...`; continue an interrupted
+run: the same command with --resume (README: "Several processes, and resuming").
+
 A stage ends when the current skill's validation accuracy reaches --stop-at or its step
 budget runs out (train_sdft.py uses the same rule). The loss covers the target tokens
 only (the demonstration and its end-of-text), not the prompt. Writes OUT/ckpt.pt after
-every stage and OUT/metrics.jsonl (one record per step, eval, and stage).
+every stage (and every --ckpt-every steps) and OUT/metrics.jsonl (one record per step,
+eval, and stage).
 """
 
 import argparse
@@ -29,12 +33,14 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (NEW_SKILLS, PRIOR_SKILLS, Tokenizer, parse_skills, pretrain_examples,
                   sft_batch, skill_examples)
 from eval import evaluate, kl_from_base
-from model import GPT, GPTConfig, autocast, get_device, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, autocast, check_resume, get_device, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -44,6 +50,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--out", default="runs/sft", help="directory for ckpt.pt and metrics.jsonl")
 parser.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch: same seed, same run")
 parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+parser.add_argument("--resume", action="store_true", help="continue the run in OUT/ckpt.pt (with the same settings)")
+parser.add_argument("--ckpt-every", type=int, default=50, help="also write OUT/ckpt.pt every this many steps (0: only after each stage)")
 # what to learn
 parser.add_argument("--pretrain", action="store_true", help="train a base model from scratch on the pretraining mixture")
 parser.add_argument("--init", default="runs/base/ckpt.pt", help="base checkpoint to fine-tune (not with --pretrain)")
@@ -55,7 +63,8 @@ parser.add_argument("--n-head", type=int, default=4, help="attention heads")
 parser.add_argument("--n-embd", type=int, default=128, help="model width")
 # optimisation
 parser.add_argument("--steps", type=int, default=None, help="step budget per stage (default: 5000 pretraining, 300 per skill)")
-parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
+parser.add_argument("--batch-size", type=int, default=32, help="examples per step, split over processes and micro-batches")
+parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step in each process, gradients summed (less memory)")
 parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 pretraining, 1e-4 per skill)")
 parser.add_argument("--warmup", type=int, default=10, help="linear warmup steps of the cosine schedule")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
@@ -69,18 +78,43 @@ if args.steps is None:
 if args.lr is None:
     args.lr = 1e-3 if args.pretrain else 1e-4
 
+# distributed: torchrun sets RANK and WORLD_SIZE; a plain run is rank 0 of 1
+ddp = int(os.environ.get("RANK", -1)) != -1
+rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+master = rank == 0  # the one process that prints, logs and writes checkpoints
+n_shards = world_size * args.grad_accum  # micro-batches per step, over all processes
+
+
+def print0(*a):
+    if master:
+        print(*a)
+
+
+def fail(message):
+    """Stop with one 'error:' line (from rank 0 only) and a non-zero exit."""
+    sys.exit(f"error: {message}" if master else 1)
+
+
 try:
     if not 0 < args.stop_at <= 1:
         raise ValueError(f"--stop-at must be in (0, 1], got {args.stop_at}")
-    for flag in ("steps", "batch_size", "eval_every", "eval_n"):
+    for flag in ("steps", "batch_size", "grad_accum", "eval_every", "eval_n"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.lr <= 0 or args.warmup < 0 or args.grad_clip <= 0:
-        raise ValueError("--lr and --grad-clip must be positive and --warmup non-negative")
+    if args.lr <= 0 or args.warmup < 0 or args.grad_clip <= 0 or args.ckpt_every < 0:
+        raise ValueError("--lr and --grad-clip must be positive and --warmup and --ckpt-every non-negative")
+    if args.batch_size % n_shards:
+        raise ValueError(f"--batch-size {args.batch_size} does not split into {world_size} processes x "
+                         f"{args.grad_accum} micro-batches (--grad-accum)")
     skills = [] if args.pretrain else parse_skills(args.skills)
     device = get_device(args.device)
 except ValueError as e:
-    sys.exit(f"error: {e}")
+    fail(e)
+if ddp:  # one process per device: nccl between GPUs, gloo between CPU processes
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 # -----------------------------------------------------------------------------
 # setup
@@ -89,30 +123,58 @@ random.seed(args.seed)
 np.random.seed(args.seed)
 torch.manual_seed(args.seed)
 tok = Tokenizer()
-data_rng = random.Random(args.seed)  # draws the training queries: the same for SFT and SDFT
+# Micro-batch i of every step draws from seed + i: micro-batch 0 is a plain run's stream, and
+# the same micro-batches make the same run whether they are spread over processes or --grad-accum.
+shards = range(rank * args.grad_accum, (rank + 1) * args.grad_accum)  # this process's micro-batches
+data_rngs = [random.Random(args.seed + i) for i in shards]  # draw the training queries: the same for SFT and SDFT
+micro_batch_size = args.batch_size // n_shards
+ckpt_path = os.path.join(args.out, "ckpt.pt")
+metrics = []  # the records already in OUT/metrics.jsonl that this run keeps
 
-if args.pretrain:
-    config = GPTConfig(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    model = GPT(config).to(device)
-    stages = ["pretrain"]
-else:
-    try:
+try:
+    if args.pretrain:
+        config = GPTConfig(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+        model = GPT(config).to(device)
+        stages = ["pretrain"]
+    else:
         model, _ = load_checkpoint(args.init, device)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+        stages = skills
+    if args.resume:  # everything is checked before anything in OUT is touched
+        _, resume = load_checkpoint(ckpt_path, device)
+        check_resume(resume, ckpt_path, model, stages, args, n_shards)
+        with open(os.path.join(args.out, "metrics.jsonl")) as f:
+            metrics = f.readlines()[:resume["metrics_lines"]]  # the records up to the checkpoint
+except (ValueError, OSError) as e:
+    fail(e)
+if not args.pretrain:
     base = copy.deepcopy(model).eval()  # the starting model, frozen: how far does each stage move from it?
-    stages = skills
 all_skills = list(PRIOR_SKILLS) + list(NEW_SKILLS)
-print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device}")
+start_stage, start_step, optimizer_state = 0, 0, None
+if args.resume:  # continue where the checkpoint left off: weights, optimizer, position, RNG streams
+    model.load_state_dict(resume["model"])
+    start_stage, start_step = (resume["stage"] + 1, 0) if resume["stage_done"] else (resume["stage"], resume["step"])
+    optimizer_state = None if resume["stage_done"] else resume["optimizer"]
+    for data_rng, i in zip(data_rngs, shards):
+        data_rng.setstate(resume["data_rng"][i])
+    torch.set_rng_state(resume["torch_rng"].cpu())
+# Only the training pass goes through DDP, which averages the gradients over processes;
+# evaluation and checkpoints use the plain model.
+ddp_model = DDP(model) if ddp else model
+print0(f"model: {model.num_params() / 1e6:.2f}M parameters on {device}"
+       + (f"; {world_size} processes" if ddp else "") + (f"; resuming stage {start_stage + 1} step {start_step}" if args.resume else ""))
 
 os.makedirs(args.out, exist_ok=True)
-ckpt_path = os.path.join(args.out, "ckpt.pt")
-log_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
+if master:
+    log_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
+    log_file.writelines(metrics)
+n_records = len(metrics)  # saved in checkpoints: --resume keeps this many records
 
 
-def log(record):
+def log(record):  # rank 0 only
+    global n_records
     log_file.write(json.dumps(record) + "\n")
     log_file.flush()
+    n_records += 1
 
 
 def lr_at(step):
@@ -123,12 +185,26 @@ def lr_at(step):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def get_batch(skill):
+def get_batch(skill, data_rng):
     if skill == "pretrain":
-        prompts, targets = pretrain_examples(data_rng, args.batch_size)
+        prompts, targets = pretrain_examples(data_rng, micro_batch_size)
     else:
-        prompts, targets, _ = skill_examples(data_rng, skill, args.batch_size, args.demo_style)
+        prompts, targets, _ = skill_examples(data_rng, skill, micro_batch_size, args.demo_style)
     return [t.to(device) for t in sft_batch(tok, prompts, targets)]
+
+
+def checkpoint(stage, step, stage_done, optimizer):
+    """Write OUT/ckpt.pt with everything --resume needs. Every process sends its RNG states;
+    rank 0 writes (to a temporary file, then renamed)."""
+    rng = [r.getstate() for r in data_rngs]
+    if ddp:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, rng)
+        rng = [state for states in gathered for state in states]  # in micro-batch order
+    if master:
+        save_checkpoint(ckpt_path, model, args, step, stage=stage, skills=stages, stage_done=stage_done,
+                        optimizer=optimizer.state_dict(), data_rng=rng, torch_rng=torch.get_rng_state(),
+                        metrics_lines=n_records)
 
 
 # -----------------------------------------------------------------------------
@@ -136,53 +212,82 @@ def get_batch(skill):
 
 t_start = time.time()
 for stage, skill in enumerate(stages):
+    if stage < start_stage:
+        continue  # finished before --resume
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if optimizer_state is not None:  # --resume in the middle of this stage
+        optimizer.load_state_dict(optimizer_state)
     t_stage = time.time()
     model.train()
-    for step in range(args.steps):
-        # evaluate: stop the stage once the skill is learned (pretraining runs its full budget)
+    for step in range(start_step, args.steps):
+        # evaluate: stop the stage once the skill is learned (rank 0 decides, every process stops;
+        # pretraining runs its full budget)
         if skill != "pretrain" and step % args.eval_every == 0:
-            val_acc = evaluate(model, tok, [skill], device, split="val", n=args.eval_n)[skill]
-            log({"stage": stage, "skill": skill, "step": step, "val_acc": val_acc})
-            print(f"stage {stage + 1}/{len(stages)} {skill} | step {step} | val_acc {val_acc:.2f}")
-            if val_acc >= args.stop_at:
+            stop = torch.zeros(1, device=device)
+            if master:
+                val_acc = evaluate(model, tok, [skill], device, split="val", n=args.eval_n)[skill]
+                log({"stage": stage, "skill": skill, "step": step, "val_acc": val_acc})
+                print(f"stage {stage + 1}/{len(stages)} {skill} | step {step} | val_acc {val_acc:.2f}")
+                stop[0] = val_acc >= args.stop_at
+            if ddp:
+                dist.broadcast(stop, 0)
+            if stop.item():
                 break
 
-        # batch: prompt + demonstration, loss on the demonstration tokens only
         t0 = time.time()
-        ids, mask, loss_mask = get_batch(skill)
-        with autocast(device):
-            logits = model(ids[:, :-1], mask[:, :-1])  # (B, T-1, V): predicts ids[:, 1:]
-        token_loss = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-        weights = loss_mask[:, 1:].float()
-        loss = (token_loss * weights).sum() / weights.sum()  # mean over target tokens
+        stats = torch.zeros(1, device=device)  # loss, summed over this process's micro-batches
+        for k, data_rng in enumerate(data_rngs):
+            # batch: prompt + demonstration, loss on the demonstration tokens only
+            if ddp:  # set before the forward: DDP averages the gradients once, after the last micro-batch
+                ddp_model.require_backward_grad_sync = k == args.grad_accum - 1
+            ids, mask, loss_mask = get_batch(skill, data_rng)
+            with autocast(device):
+                logits = ddp_model(ids[:, :-1], mask[:, :-1])  # (B, T-1, V): predicts ids[:, 1:]
+            token_loss = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+            weights = loss_mask[:, 1:].float()
+            loss = (token_loss * weights).sum() / weights.sum()  # mean over this micro-batch's target tokens
+            # Divided by the micro-batches here and by the processes in DDP: the step's loss is the
+            # mean of the micro-batches' token means (with one of them, the token mean of the batch).
+            (loss / args.grad_accum).backward()
+            stats += loss.detach()
+        if ddp:
+            dist.all_reduce(stats)  # summed over processes, so every process sees the same values
+        loss = (stats / n_shards).item()
 
-        # step
-        if not torch.isfinite(loss):  # stop before the update: nothing is saved, ckpt.pt stays as it was
-            sys.exit(f"error: non-finite loss at stage {stage + 1} step {step}; stopped without saving this stage")
+        # step: not when the loss or the gradient is non-finite; ckpt.pt stays the last good one
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        for what, value in (("loss", loss), ("gradient", grad_norm.item())):
+            if not math.isfinite(value):
+                fail(f"non-finite {what} at stage {stage + 1} step {step}; stopped before the update, "
+                     f"{ckpt_path} (if any) is the last good checkpoint")
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
         # log
         ms = (time.time() - t0) * 1000
-        log({"stage": stage, "skill": skill, "step": step, "loss": loss.item(), "lr": lr, "ms": ms})
-        print(f"stage {stage + 1}/{len(stages)} {skill} | step {step + 1}/{args.steps} | loss {loss.item():.4f} | lr {lr:.2e} | {ms:.0f}ms")
+        if master:
+            log({"stage": stage, "skill": skill, "step": step, "loss": loss, "lr": lr, "ms": ms})
+        print0(f"stage {stage + 1}/{len(stages)} {skill} | step {step + 1}/{args.steps} | loss {loss:.4f} | lr {lr:.2e} | {ms:.0f}ms")
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+            checkpoint(stage, step + 1, False, optimizer)  # in the middle of the stage, for --resume
     else:
         step = args.steps  # the whole budget ran
+    start_step, optimizer_state = 0, None  # later stages start afresh
 
-    # end of stage: test accuracy on every skill, then checkpoint
-    accuracy = evaluate(model, tok, all_skills, device, split="test", n=args.eval_n)
-    kl = None if skill == "pretrain" else kl_from_base(model, base, tok, skill, device, n=args.eval_n)
-    seconds = time.time() - t_stage
-    log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy, "kl_from_base": kl})
-    print(f"stage {stage + 1}/{len(stages)} {skill} done: {step} steps, {seconds:.0f}s"
-          + ("" if kl is None else f", kl_from_base {kl:.3f}"))
-    print("  " + " ".join(f"{s} {a:.2f}" for s, a in accuracy.items()))
-    save_checkpoint(ckpt_path, model, args, step, stage=stage, skills=stages)
+    # end of stage: test accuracy on every skill (rank 0), then checkpoint
+    if master:
+        accuracy = evaluate(model, tok, all_skills, device, split="test", n=args.eval_n)
+        kl = None if skill == "pretrain" else kl_from_base(model, base, tok, skill, device, n=args.eval_n)
+        seconds = time.time() - t_stage
+        log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy, "kl_from_base": kl})
+        print(f"stage {stage + 1}/{len(stages)} {skill} done: {step} steps, {seconds:.0f}s"
+              + ("" if kl is None else f", kl_from_base {kl:.3f}"))
+        print("  " + " ".join(f"{s} {a:.2f}" for s, a in accuracy.items()))
+    checkpoint(stage, step, True, optimizer)
 
-print(f"total time {time.time() - t_start:.0f}s; checkpoint {ckpt_path}")
+print0(f"total time {time.time() - t_start:.0f}s; checkpoint {ckpt_path}")
+if ddp:
+    dist.destroy_process_group()
