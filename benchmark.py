@@ -43,17 +43,19 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--out", default=None, help="directory for results.json, the plots and the runs (default: results, "
                     "or runs/benchmark-quick with --quick)")
 parser.add_argument("--base", default=None, help="base checkpoint, made here if missing or made with other settings "
-                    "(default: runs/benchmark-base/ckpt.pt, or runs/benchmark-base-quick/ckpt.pt with --quick)")
+                    "(default: runs/benchmark-base[-quick]-pnewP/ckpt.pt)")
 parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds (the base model is pretrained once, seed 0)")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--lr", default="1e-4", help="peak learning rate of both methods; a comma-separated list gives a sweep")
 parser.add_argument("--steps", type=int, default=300, help="step budget per skill")
 parser.add_argument("--eval-n", type=int, default=100, help="queries per skill for validation and test accuracy")
+parser.add_argument("--p-new", type=float, default=0.15, help="how often the base meets a new skill in pretraining, "
+                    "plainly and answered right a quarter of the time (0: never; the control in which both methods forget)")
 parser.add_argument("--quick", action="store_true", help="a tiny model and budgets: checks the pipeline, shows nothing")
 args = parser.parse_args()
 args.out = args.out or ("runs/benchmark-quick" if args.quick else "results")
-args.base = args.base or f"runs/benchmark-base{'-quick' if args.quick else ''}/ckpt.pt"
+args.base = args.base or f"runs/benchmark-base{'-quick' if args.quick else ''}-pnew{args.p_new:g}/ckpt.pt"
 
 try:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -64,6 +66,8 @@ try:
         raise ValueError(f"--lr must be a comma-separated list of positive numbers, got '{args.lr}'")
     if args.steps <= 0 or args.eval_n <= 0:
         raise ValueError("--steps and --eval-n must be positive")
+    if not 0 <= args.p_new <= 1:
+        raise ValueError(f"--p-new must be in [0, 1], got {args.p_new}")
     skills = parse_skills(args.skills)
     os.makedirs(args.out, exist_ok=True)
     probe = os.path.join(args.out, ".write-test")
@@ -76,10 +80,10 @@ except OSError as e:
     sys.exit(f"error: cannot write to --out {args.out} ({e.strerror})")
 
 # pretraining settings: the cached base model is reused only when they match
-PRETRAIN = {"steps": 5000, "n_layer": 4, "n_head": 4, "n_embd": 128, "seed": 0}
+PRETRAIN = {"steps": 5000, "n_layer": 4, "n_head": 4, "n_embd": 128, "seed": 0, "p_new": args.p_new, "p_right": 0.25}
 FINETUNE = {"steps": args.steps, "eval_n": args.eval_n}
 if args.quick:
-    PRETRAIN = {"steps": 200, "n_layer": 1, "n_head": 2, "n_embd": 32, "seed": 0}
+    PRETRAIN = {"steps": 200, "n_layer": 1, "n_head": 2, "n_embd": 32, "seed": 0, "p_new": args.p_new, "p_right": 0.25}
     FINETUNE = {"steps": 6, "eval_n": 8, "eval_every": 3}
 prior, new = list(PRIOR_SKILLS), list(NEW_SKILLS)
 device = torch.device("cpu")  # evaluation of the base here; the scripts pick their own device

@@ -2,8 +2,10 @@
 Supervised fine-tuning (SFT): next-token training on demonstrations, used two ways.
 
 1. Pretraining the toy "foundation model" from scratch on the mixture in data.py (prior
-   skills plainly and with demonstrations, random throw-away skills with demonstrations),
-   which gives it the prior skills and the ability to read a demonstration in context:
+   skills plainly and with demonstrations, random throw-away skills with demonstrations,
+   and now and then a new skill asked plainly, answered right only a quarter of the time),
+   which gives it the prior skills, the ability to read a demonstration in context, and a
+   weak start on the new skills:
 
        python train_sft.py --pretrain --out runs/base          # ~6 min on 2 CPU cores
 
@@ -57,6 +59,10 @@ parser.add_argument("--pretrain", action="store_true", help="train a base model 
 parser.add_argument("--init", default="runs/base/ckpt.pt", help="base checkpoint to fine-tune (not with --pretrain)")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
+parser.add_argument("--p-new", type=float, default=0.15, help="pretraining only: share of plain examples that ask a new skill "
+                    "(0: the base never meets the new skills)")
+parser.add_argument("--p-right", type=float, default=0.25, help="pretraining only: share of those answered right (the rest: "
+                    "answered as the skill's rival, data.RIVALS)")
 # model size (pretraining only; fine-tuning reads it from the checkpoint)
 parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
 parser.add_argument("--n-head", type=int, default=4, help="attention heads")
@@ -98,6 +104,8 @@ def fail(message):
 try:
     if not 0 < args.stop_at <= 1:
         raise ValueError(f"--stop-at must be in (0, 1], got {args.stop_at}")
+    if not (0 <= args.p_new <= 1 and 0 <= args.p_right <= 1):
+        raise ValueError(f"--p-new and --p-right must be in [0, 1], got {args.p_new} and {args.p_right}")
     for flag in ("steps", "batch_size", "grad_accum", "eval_every", "eval_n"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -187,7 +195,7 @@ def lr_at(step):
 
 def get_batch(skill, data_rng):
     if skill == "pretrain":
-        prompts, targets = pretrain_examples(data_rng, micro_batch_size)
+        prompts, targets = pretrain_examples(data_rng, micro_batch_size, p_new=args.p_new, p_right=args.p_right)
     else:
         prompts, targets, _ = skill_examples(data_rng, skill, micro_batch_size, args.demo_style)
     return [t.to(device) for t in sft_batch(tok, prompts, targets)]

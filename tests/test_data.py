@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from data import (CHARS, LETTERS, MAX_LEN, MIN_LEN, NEW_SKILLS, PRIOR_SKILLS, SKILLS, demonstration,
+from data import (CHARS, LETTERS, MAX_LEN, MIN_LEN, NEW_SKILLS, PRIOR_SKILLS, RIVALS, SKILLS, demonstration,
                   encode_prompts, eval_queries, final_answer, parse_skills, pretrain_examples,
                   random_skill, sample_query, sft_batch, skill_examples, split_of, student_prompt,
                   teacher_prompt)
@@ -244,13 +244,14 @@ def test_pretrain_examples_reproducible():
 
 
 def test_pretrain_examples_are_consistent():
-    """Every target is the answer to its prompt: a prior skill's answer for a plain prompt,
-    and the demonstration's final answer for a prompt with a demonstration. A batch is one
-    format throughout, both formats occur, and demonstrations are of prior skills and of
-    random throw-away skills, never of the new skills."""
+    """Every target is the answer to its prompt: for a plain prompt, a prior skill's answer,
+    or for a new skill its own or its rival's answer; for a prompt with a demonstration, the
+    demonstration's final answer. A batch is one format throughout, both formats occur,
+    demonstrations are of prior skills and of random throw-away skills, never of the new
+    skills, and a new skill asked plainly is answered right about p_right of the time."""
     rng = random.Random(0)
-    formats, demo_skills = set(), set()
-    for _ in range(20):
+    formats, demo_skills, new_right = set(), set(), []
+    for _ in range(200):
         prompts, targets = pretrain_examples(rng, 16)
         assert len(prompts) == len(targets) == 16
         plain = ["\n" not in p for p in prompts]
@@ -265,10 +266,26 @@ def test_pretrain_examples_are_consistent():
                     assert t == PRIOR_SKILLS[skill](query)
             else:
                 skill, query = parse_student(p)
-                assert skill in PRIOR_SKILLS and t == PRIOR_SKILLS[skill](query)
+                if skill in PRIOR_SKILLS:
+                    assert t == PRIOR_SKILLS[skill](query)
+                else:
+                    assert t in (NEW_SKILLS[skill](query), PRIOR_SKILLS[RIVALS[skill]](query))
+                    new_right.append(t == NEW_SKILLS[skill](query))
             assert split_of(query) == "train"
     assert formats == {True, False}
     assert demo_skills == {"prior", "random"}  # demonstrations of both, never of a new skill
+    assert 100 < len(new_right) < 500  # p_plain 0.5 x p_new 0.15 of 3200 examples: about 240
+    assert 0.15 < sum(new_right) / len(new_right) < 0.35  # p_right 0.25
+
+
+def test_pretrain_without_new_skills():
+    """p_new 0: no new skill anywhere in the mixture (the control in which the base has never
+    met them); every new skill has a rival prior skill."""
+    rng = random.Random(0)
+    for _ in range(50):
+        prompts, _ = pretrain_examples(rng, 16, p_new=0.0)
+        assert not any(p.split(" ")[0] in NEW_SKILLS for p in prompts)
+    assert set(RIVALS) == set(NEW_SKILLS) and set(RIVALS.values()) <= set(PRIOR_SKILLS)
 
 
 def test_skill_examples_reproducible():
