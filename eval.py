@@ -2,6 +2,7 @@
 Per-skill evaluation: greedy decoding, exact match of the final answer, on held-out queries.
 
     python eval.py --ckpt runs/base/ckpt.pt
+    python eval.py --ckpt runs/base/ckpt.pt --temperature 1   # sampled, as SDFT's rollouts are
 
 prints, for every skill, the accuracy of the plain student prompt and, as the teacher
 sees it, with an `own` and an `expert` demonstration for the same query in context,
@@ -22,18 +23,18 @@ MAX_NEW_TOKENS = 48  # enough for the longest expert-style answer and its end-of
 
 
 @torch.no_grad()
-def answer(model, tok, prompts, device, batch_size=256):
-    """Greedy completions of the prompts, decoded up to end-of-text."""
+def answer(model, tok, prompts, device, batch_size=256, temperature=0.0):
+    """Completions of the prompts (greedy at temperature 0), decoded up to end-of-text."""
     texts = []
     for i in range(0, len(prompts), batch_size):
         ids, mask = encode_prompts(tok, prompts[i:i + batch_size])
         with autocast(device):
-            out = model.generate(ids.to(device), mask.to(device), MAX_NEW_TOKENS, temperature=0.0, eot_id=tok.eot_id)
+            out = model.generate(ids.to(device), mask.to(device), MAX_NEW_TOKENS, temperature=temperature, eot_id=tok.eot_id)
         texts += [tok.decode(row) for row in out.tolist()]
     return texts
 
 
-def accuracy(model, tok, skill, queries, device, demo_style=None):
+def accuracy(model, tok, skill, queries, device, demo_style=None, temperature=0.0):
     """Fraction of queries whose final answer is exactly right, and the wrong ones as
     (prompt, output, expected). demo_style None asks the student prompt; 'own' or
     'expert' puts a demonstration for the same query in context (the teacher's view)."""
@@ -42,7 +43,7 @@ def accuracy(model, tok, skill, queries, device, demo_style=None):
         prompts = [student_prompt(skill, q) for q in queries]
     else:
         prompts = [teacher_prompt(skill, q, demonstration(fn(q), demo_style)) for q in queries]
-    outputs = answer(model, tok, prompts, device)
+    outputs = answer(model, tok, prompts, device, temperature=temperature)
     mistakes = [(p, o, fn(q)) for p, o, q in zip(prompts, outputs, queries) if final_answer(o) != fn(q)]
     return 1 - len(mistakes) / len(queries), mistakes
 
@@ -83,27 +84,31 @@ if __name__ == "__main__":
     parser.add_argument("--split", default="test", choices=["test", "val"], help="which held-out queries")
     parser.add_argument("--n", type=int, default=200, help="queries per skill")
     parser.add_argument("--mistakes", type=int, default=3, help="wrong answers to print per column")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; 1: sample (seeded by --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling at --temperature above 0")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = parser.parse_args()
     try:
         skills = parse_skills(args.skills)
-        if args.n <= 0:
-            raise ValueError("--n must be positive")
+        if args.n <= 0 or args.temperature < 0:
+            raise ValueError("--n must be positive and --temperature non-negative")
         device = get_device(args.device)
         model, _ = load_checkpoint(args.ckpt, device)
     except ValueError as e:
         sys.exit(f"error: {e}")
     model.eval()
+    torch.manual_seed(args.seed)
     tok = Tokenizer()
     queries = eval_queries(args.split, args.n)
 
-    print(f"{args.ckpt}: greedy exact match on {args.n} {args.split} queries per skill")
+    decoding = "greedy" if args.temperature == 0 else f"sampled (temperature {args.temperature:g})"
+    print(f"{args.ckpt}: {decoding} exact match on {args.n} {args.split} queries per skill")
     print(f"{'skill':<8} {'kind':<6} {'plain':>6} {'own demo':>9} {'expert demo':>12}")
     shown = []
     for skill in skills:
         row = []
         for style in (None, "own", "expert"):
-            acc, mistakes = accuracy(model, tok, skill, queries, device, style)
+            acc, mistakes = accuracy(model, tok, skill, queries, device, style, args.temperature)
             row.append(acc)
             shown += mistakes[:args.mistakes]
         kind = "prior" if skill in PRIOR_SKILLS else "new" if skill in NEW_SKILLS else "?"

@@ -153,6 +153,16 @@ def test_eval_smoke(base_ckpt):
         assert all(0 <= a <= 1 for a in accs)
 
 
+def test_eval_sampled_is_seeded(base_ckpt):
+    """--temperature 1 samples: the same --seed prints the same table, and says it sampled."""
+    outs = [run("eval.py", "--ckpt", base_ckpt, "--n", 4, "--device", "cpu", "--temperature", 1, "--seed", 3)
+            for _ in range(2)]
+    assert all(rc == 0 for rc, _, _ in outs), outs[0][2]
+    assert "sampled (temperature 1)" in outs[0][1]
+    assert parse_eval_rows(outs[0][1]) == parse_eval_rows(outs[1][1])
+    assert list(parse_eval_rows(outs[0][1])) == list(SKILLS)
+
+
 # -----------------------------------------------------------------------------
 # bad input: a non-zero exit and one "error:" line, never a traceback
 
@@ -161,6 +171,8 @@ BAD_INPUTS = [  # (script and flags, text the error line must contain); {base} {
     (["eval.py", "--ckpt", "{corrupt}"], "not a readable checkpoint"),
     (["eval.py", "--ckpt", "{base}", "--skills", "rotl,nope"], "nope"),
     (["eval.py", "--ckpt", "{base}", "--n", "0"], "--n"),
+    (["eval.py", "--ckpt", "{base}", "--temperature", "-1"], "--temperature"),
+    (["train_sft.py", "--pretrain", "--p-new", "1.5"], "--p-new"),
     (["train_sft.py", "--init", "{missing}"], "no checkpoint"),
     (["train_sft.py", "--init", "{corrupt}"], "not a readable checkpoint"),
     (["train_sft.py", "--init", "{base}", "--skills", "rotl,nope"], "nope"),
