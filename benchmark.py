@@ -50,8 +50,8 @@ parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills t
 parser.add_argument("--lr", default="1e-4", help="peak learning rate of both methods; a comma-separated list gives a sweep")
 parser.add_argument("--steps", type=int, default=300, help="step budget per skill")
 parser.add_argument("--eval-n", type=int, default=100, help="queries per skill for validation and test accuracy")
-parser.add_argument("--p-new", type=float, default=0.15, help="how often the base meets a new skill in pretraining, "
-                    "plainly and answered right a quarter of the time (0: never; the control in which both methods forget)")
+parser.add_argument("--p-new", type=float, default=0.3, help="how often the base meets a new skill in pretraining, "
+                    "plainly and answered right 40%% of the time (0: never; the control in which both methods forget)")
 parser.add_argument("--quick", action="store_true", help="a tiny model and budgets: checks the pipeline, shows nothing")
 args = parser.parse_args()
 args.out = args.out or ("runs/benchmark-quick" if args.quick else "results")
@@ -80,10 +80,10 @@ except OSError as e:
     sys.exit(f"error: cannot write to --out {args.out} ({e.strerror})")
 
 # pretraining settings: the cached base model is reused only when they match
-PRETRAIN = {"steps": 5000, "n_layer": 4, "n_head": 4, "n_embd": 128, "seed": 0, "p_new": args.p_new, "p_right": 0.25}
+PRETRAIN = {"steps": 5000, "n_layer": 4, "n_head": 4, "n_embd": 128, "seed": 0, "p_new": args.p_new, "p_right": 0.4}
 FINETUNE = {"steps": args.steps, "eval_n": args.eval_n}
 if args.quick:
-    PRETRAIN = {"steps": 200, "n_layer": 1, "n_head": 2, "n_embd": 32, "seed": 0, "p_new": args.p_new, "p_right": 0.25}
+    PRETRAIN = {"steps": 200, "n_layer": 1, "n_head": 2, "n_embd": 32, "seed": 0, "p_new": args.p_new, "p_right": 0.4}
     FINETUNE = {"steps": 6, "eval_n": 8, "eval_every": 3}
 prior, new = list(PRIOR_SKILLS), list(NEW_SKILLS)
 device = torch.device("cpu")  # evaluation of the base here; the scripts pick their own device

@@ -208,7 +208,7 @@ def sft_batch(tok, prompts, targets):
 RIVALS = {"rotl": "rotr", "swap": "rev", "odds": "evens"}
 
 
-def pretrain_examples(rng, n, p_plain=0.5, p_random=0.5, p_new=0.15, p_right=0.25):
+def pretrain_examples(rng, n, p_plain=0.5, p_random=0.5, p_new=0.3, p_right=0.4):
     """n examples of the base model's mixture. With probability p_plain the whole batch is
     asked plainly: each example is a new skill with probability p_new (its right answer with
     probability p_right, else its rival's), otherwise a prior skill. Else every example has a

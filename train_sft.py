@@ -3,7 +3,7 @@ Supervised fine-tuning (SFT): next-token training on demonstrations, used two wa
 
 1. Pretraining the toy "foundation model" from scratch on the mixture in data.py (prior
    skills plainly and with demonstrations, random throw-away skills with demonstrations,
-   and now and then a new skill asked plainly, answered right only a quarter of the time),
+   and now and then a new skill asked plainly, answered right 40% of the time),
    which gives it the prior skills, the ability to read a demonstration in context, and a
    weak start on the new skills:
 
@@ -59,9 +59,9 @@ parser.add_argument("--pretrain", action="store_true", help="train a base model 
 parser.add_argument("--init", default="runs/base/ckpt.pt", help="base checkpoint to fine-tune (not with --pretrain)")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
-parser.add_argument("--p-new", type=float, default=0.15, help="pretraining only: share of plain examples that ask a new skill "
+parser.add_argument("--p-new", type=float, default=0.3, help="pretraining only: share of plain examples that ask a new skill "
                     "(0: the base never meets the new skills)")
-parser.add_argument("--p-right", type=float, default=0.25, help="pretraining only: share of those answered right (the rest: "
+parser.add_argument("--p-right", type=float, default=0.4, help="pretraining only: share of those answered right (the rest: "
                     "answered as the skill's rival, data.RIVALS)")
 # model size (pretraining only; fine-tuning reads it from the checkpoint)
 parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")

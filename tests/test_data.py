@@ -274,8 +274,8 @@ def test_pretrain_examples_are_consistent():
             assert split_of(query) == "train"
     assert formats == {True, False}
     assert demo_skills == {"prior", "random"}  # demonstrations of both, never of a new skill
-    assert 100 < len(new_right) < 500  # p_plain 0.5 x p_new 0.15 of 3200 examples: about 240
-    assert 0.15 < sum(new_right) / len(new_right) < 0.35  # p_right 0.25
+    assert 300 < len(new_right) < 700  # p_plain 0.5 x p_new 0.3 of 3200 examples: about 480
+    assert 0.3 < sum(new_right) / len(new_right) < 0.5  # p_right 0.4
 
 
 def test_pretrain_without_new_skills():
