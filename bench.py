@@ -354,6 +354,7 @@ def trl_seconds():
         torch.manual_seed(args.seed)
         transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=C, n_layer=L, n_head=config.n_head,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # GPT-2's default dropout is 0.1; ours has none
             bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)).save_pretrained(path)
         common = dict(per_device_train_batch_size=B, max_steps=args.warmup + args.repeats, learning_rate=3e-5,
                       adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant",
