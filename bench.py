@@ -97,18 +97,47 @@ def sync():
         torch.cuda.synchronize()
 
 
-def median_seconds(fn):
-    """Median wall-clock seconds of fn() over --repeats runs, after --warmup untimed runs."""
+class Clock:
+    """Seconds per named phase of one step. The device is synced at each boundary, so GPU work
+    is charged to the phase that launched it."""
+
+    def __init__(self):
+        sync()
+        self.phases, self.t = {}, time.perf_counter()
+
+    def lap(self, name):
+        sync()
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def median_phases(*steps):
+    """For each step function, the median seconds of each phase and of the whole step over
+    --repeats steps after --warmup. The functions take turns, one step each, so that a burst
+    of other load on the machine hits them alike."""
     for _ in range(args.warmup):
+        for step in steps:
+            step()
+    runs = [[step() for step in steps] for _ in range(args.repeats)]
+    return [medians_of([run[i] for run in runs]) for i in range(len(steps))]
+
+
+def medians_of(runs):
+    """Median of each phase, and of the total, over a list of {phase: seconds} runs."""
+    medians = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
+    medians["total"] = statistics.median(sum(run.values()) for run in runs)
+    return medians
+
+
+def median_seconds(*fns):
+    """median_phases for plain functions: the median seconds of each fn(), taking turns."""
+    def timed(fn):
+        clock = Clock()
         fn()
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        clock.lap("run")
+        return clock.phases
+    return [medians["total"] for medians in median_phases(*(lambda fn=fn: timed(fn) for fn in fns))]
 
 
 # -----------------------------------------------------------------------------
@@ -148,7 +177,7 @@ def gflops(flops, seconds):
 n = 8192 if device.type == "cuda" else 2048
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # autocast runs matmuls in bf16 on CUDA
 a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-ceiling = gflops(2 * n ** 3, median_seconds(lambda: a @ b))
+ceiling = gflops(2 * n ** 3, median_seconds(lambda: a @ b)[0])
 del a, b
 print(f"\nmatmul ceiling: {ceiling:.1f} GFLOP/s ({n}x{n} @ {n}x{n}, {dtype})")
 
@@ -169,10 +198,10 @@ def generate(use_cache):
 print(f"\n1. generation: {args.gen_batch_size} prompts of up to {gen_ids.shape[1]} tokens, "
       f"{args.gen_tokens} new tokens each, sampled at temperature 1")
 print(f"  {'':8s} {'tokens/s':>9s} {'ms':>8s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'/ceiling':>9s}")
-gen_seconds = {}
+gen_seconds = dict(zip(("KV cache", "plain"), median_seconds(lambda: generate(True), lambda: generate(False))))
 for use_cache in (True, False):
     name = "KV cache" if use_cache else "plain"
-    gen_seconds[name] = seconds = median_seconds(lambda: generate(use_cache))
+    seconds = gen_seconds[name]
     flops = generation_flops(args.gen_batch_size, gen_ids.shape[1], args.gen_tokens, use_cache)
     print(f"  {name:8s} {args.gen_batch_size * args.gen_tokens / seconds:9.0f} {seconds * 1000:8.1f} "
           f"{flops / 1e9:7.2f} {gflops(flops, seconds):8.2f} {gflops(flops, seconds) / ceiling:9.1%}")
@@ -188,20 +217,6 @@ teacher = make_teacher(model, "ema")
 sdft_optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, betas=(0.9, 0.95), weight_decay=0.0)
 sft_optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, betas=(0.9, 0.95), weight_decay=0.0)
 model.train()
-
-
-class Clock:
-    """Seconds per named phase of one step. The device is synced at each boundary, so GPU work
-    is charged to the phase that launched it."""
-
-    def __init__(self):
-        self.phases, self.t = {}, time.perf_counter()
-
-    def lap(self, name):
-        sync()
-        now = time.perf_counter()
-        self.phases[name] = self.phases.get(name, 0.0) + now - self.t
-        self.t = now
 
 
 def sdft_step():
@@ -252,16 +267,6 @@ def sft_step():
     return clock.phases
 
 
-def median_phases(step):
-    """Median seconds of each phase, and of the whole step, over --repeats steps after --warmup."""
-    for _ in range(args.warmup):
-        step()
-    runs = [step() for _ in range(args.repeats)]
-    medians = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
-    medians["total"] = statistics.median(sum(run.values()) for run in runs)
-    return medians
-
-
 # Sequence lengths as the passes see them (left-padded to the batch's longest).
 B, N = args.batch_size, args.new_tokens
 P_student, P_teacher = (encode_prompts(tok, prompts)[0].shape[1] for prompts in (students, teachers))
@@ -272,8 +277,7 @@ sdft_flops = {"generation": generation_flops(B, P_student, N, use_cache=True),
               "teacher forward": forward_flops(B, teacher_len, teacher_len)}
 sft_flops = {"forward+backward": 3 * forward_flops(B, T_sft - 1, T_sft - 1)}
 
-sdft_seconds = median_phases(sdft_step)
-sft_seconds = median_phases(sft_step)
+sdft_seconds, sft_seconds = median_phases(sdft_step, sft_step)
 sdft_over_sft = sdft_seconds["total"] / sft_seconds["total"]
 
 
@@ -301,8 +305,9 @@ print(f"3. FLOPs: {FLOPS_FORMULA}")
 def trl_seconds():
     """Median seconds of TRL's SDFT step, of its generation, and of its SFT step (SFTTrainer), on a
     GPT-2 of our model's depth, width, heads and vocabulary, over the same queries and
-    demonstrations; None when TRL is not installed. A step is timed from the trainer's
-    step-begin to its step-end callback, the EMA teacher update included."""
+    demonstrations, each TRL step followed by one of ours (sdft_step, sft_step), whose median
+    phases come back too; None when TRL is not installed. A TRL step is timed from the
+    trainer's step-begin to its step-end callback, the EMA teacher update included."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything is built locally: never reach for the Hub
     os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"  # we know trl.experimental is experimental
     try:  # imported here: TRL is a benchmark-only extra (requirements-bench.txt)
@@ -329,8 +334,11 @@ def trl_seconds():
     assert tokenizer(teachers)["input_ids"] == [tok.encode(t) for t in teachers]
 
     class StepTimer(transformers.TrainerCallback):
-        def __init__(self):
-            self.seconds = []
+        """Times each of the trainer's steps, then runs one of ours (`our_step`): the two
+        implementations alternate step by step, so a burst of other load hits both alike."""
+
+        def __init__(self, our_step):
+            self.seconds, self.our_step, self.ours = [], our_step, []
 
         def on_step_begin(self, *_, **__):
             sync()
@@ -339,14 +347,16 @@ def trl_seconds():
         def on_step_end(self, *_, **__):
             sync()
             self.seconds.append(time.perf_counter() - self.t0)
+            self.ours.append(self.our_step())
 
-    def median_step(trainer):
-        """Train --warmup + --repeats steps; the median seconds of the last --repeats."""
-        timer = StepTimer()
+    def median_steps(trainer, our_step):
+        """Train --warmup + --repeats steps, each followed by one our_step(); the median seconds
+        of the trainer's last --repeats steps, and the median phases of ours."""
+        timer = StepTimer(our_step)
         trainer.add_callback(timer)  # after the trainer's own callbacks, so after the EMA update
         with contextlib.redirect_stdout(io.StringIO()):  # the trainer's end-of-training summary
             trainer.train()
-        return statistics.median(timer.seconds[args.warmup:])
+        return statistics.median(timer.seconds[args.warmup:]), medians_of(timer.ours[args.warmup:])
 
     with tempfile.TemporaryDirectory() as tmp:
         # A GPT-2 of our size, saved locally: SDFTTrainer builds its EMA teacher from the model's path.
@@ -385,19 +395,21 @@ def trl_seconds():
             return out
 
         trainer._generate_transformers = timed_generate
-        sdft = median_step(trainer)
+        sdft, ours = median_steps(trainer, sdft_step)
 
         sft_config = SFTConfig(output_dir=os.path.join(tmp, "sft"), **common, max_length=None)
         sft_data = datasets.Dataset.from_dict({"prompt": students, "completion": demos})  # loss on the demonstration
-        sft = median_step(SFTTrainer(model=path, args=sft_config, train_dataset=sft_data, processing_class=tokenizer))
+        sft_trainer = SFTTrainer(model=path, args=sft_config, train_dataset=sft_data, processing_class=tokenizer)
+        sft, ours_sft = median_steps(sft_trainer, sft_step)
     return {"version": f"trl {trl.__version__}, transformers {transformers.__version__}", "sdft": sdft,
-            "generation": statistics.median(generation_seconds[args.warmup:]), "sft": sft}
+            "generation": statistics.median(generation_seconds[args.warmup:]), "sft": sft,
+            "ours": ours, "ours_sft": ours_sft}
 
 
 trl_speedup = float("nan")
 trl = None if args.skip_trl else trl_seconds()
 if trl is not None:
-    ours, ours_sft = median_phases(sdft_step), median_phases(sft_step)  # again, right after TRL: the same load
+    ours, ours_sft = trl["ours"], trl["ours_sft"]  # measured step by step alternating with TRL's
     trl_speedup = trl["sdft"] / ours["total"]  # the completions/s ratio: B completions per step on both sides
     print(f"\n4. TRL's SDFTTrainer ({trl['version']}) vs this repo, same work: a GPT-2 of the same size, {B} prompts, "
           f"one {N}-token completion each (length forced), forward KL over the full vocabulary, EMA teacher, "
@@ -408,7 +420,7 @@ if trl is not None:
                                         ("this repo", ours["total"], ours["generation"], ours_sft["total"])):
         print(f"  {name:10s} {sdft * 1000:13.1f} {generation * 1000:14.1f} {B / sdft:14.0f} {sft * 1000:12.1f} "
               f"{sdft / sft:9.2f}")
-    print(f"  this repo: {trl_speedup:.2f}x TRL's completions/s (TRL's SFT step: its SFTTrainer on the same model "
-          f"and queries, loss on the demonstration)")
+    print(f"  this repo: {trl_speedup:.2f}x TRL's completions/s (the two alternate step by step; TRL's SFT step: "
+          f"its SFTTrainer on the same model and queries, loss on the demonstration)")
 
 print(f"\ncache_speedup={cache_speedup:.2f} sdft_over_sft={sdft_over_sft:.2f} trl_speedup={trl_speedup:.2f}")
