@@ -2,11 +2,12 @@
 Benchmark: how fast generation and an SDFT step run, where the step's time goes, and how
 it compares with SFT and with TRL's SDFTTrainer on the same work.
 
-    python bench.py                              # CPU: about a minute (--threads 1 if the cores are shared)
+    python bench.py                              # CPU: about 30 s (--threads 1 if the cores are shared)
     python bench.py --skip-trl --device cuda     # GPU, without the TRL side-by-side
     pip install -r requirements-bench.txt        # TRL and its dependencies, for the side-by-side
 
-Each figure is the median over --repeats timed runs, after --warmup untimed ones:
+Each figure is the median over --repeats timed runs, after --warmup untimed ones; what is
+compared takes turns run by run, so that other load on the machine hits both sides alike:
 1. generation with the KV cache vs the plain path (the whole sequence recomputed for every
    token): tokens/s at batch 64, 32 new tokens;
 2. one SDFT step (train_sdft.py's loop body: batch, rollout, teacher pass, student pass,
