@@ -298,4 +298,5 @@ for stage, skill in enumerate(stages):
 
 print0(f"total time {time.time() - t_start:.0f}s; checkpoint {ckpt_path}")
 if ddp:
+    dist.barrier()  # wait for rank 0's last evaluation and checkpoint: shutting the group down under it can abort
     dist.destroy_process_group()
