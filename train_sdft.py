@@ -25,6 +25,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -108,8 +109,13 @@ try:
         raise ValueError(f"--skip must be non-negative, got {args.skip}")
     skills = parse_skills(args.skills)
     device = get_device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryFile(dir=args.out):  # fail now, not after loading, if --out cannot be written
+        pass
 except ValueError as e:
     fail(e)
+except OSError as e:
+    fail(f"cannot write to --out {args.out} ({e.strerror})")
 if ddp:  # one process per device: nccl between GPUs, gloo between CPU processes
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -168,7 +174,6 @@ ddp_model = DDP(model) if ddp else model
 print0(f"model: {model.num_params() / 1e6:.2f}M parameters on {device}; teacher: {args.teacher}"
        + (f"; {world_size} processes" if ddp else "") + (f"; resuming stage {start_stage + 1} step {start_step}" if args.resume else ""))
 
-os.makedirs(args.out, exist_ok=True)
 if master:
     log_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
     log_file.writelines(metrics)
@@ -188,6 +193,12 @@ def lr_at(step):
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def eta(seconds, steps_done, steps_left):
+    """Time left in a stage, from its mean step time so far (evaluations included): '1m05s' or '42s'."""
+    left = round(seconds / steps_done * steps_left)
+    return f"{left // 60}m{left % 60:02d}s" if left >= 60 else f"{left}s"
 
 
 def get_batch(skill, data_rng):
@@ -286,8 +297,10 @@ for stage, skill in enumerate(stages):
         if master:
             log({"stage": stage, "skill": skill, "step": step, "loss": loss, "kl": kl, "length": length,
                  "ended": ended, "lr": lr, "ms": ms, "gen_ms": gen_ms, "update_ms": update_ms})
+        # time left in the stage's budget (less if it stops at --stop-at), from the steps since it (or --resume) began
+        left = eta(time.time() - t_stage, step + 1 - start_step, args.steps - step - 1)
         print0(f"stage {stage + 1}/{len(stages)} {skill} | step {step + 1}/{args.steps} | loss {loss:.4f} | kl {kl:.4f} "
-               f"| len {length:.1f} | ended {ended:.2f} | lr {lr:.2e} | {ms:.0f}ms (gen {gen_ms:.0f}, update {update_ms:.0f})")
+               f"| len {length:.1f} | ended {ended:.2f} | lr {lr:.2e} | {ms:.0f}ms (gen {gen_ms:.0f}, update {update_ms:.0f}) | eta {left}")
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
             checkpoint(stage, step + 1, False, optimizer)  # in the middle of the stage, for --resume
     else:

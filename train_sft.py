@@ -31,6 +31,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -55,7 +56,8 @@ parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: t
 parser.add_argument("--resume", action="store_true", help="continue the run in OUT/ckpt.pt (with the same settings)")
 parser.add_argument("--ckpt-every", type=int, default=50, help="also write OUT/ckpt.pt every this many steps (0: only after each stage)")
 # what to learn
-parser.add_argument("--pretrain", action="store_true", help="train a base model from scratch on the pretraining mixture")
+parser.add_argument("--pretrain", action="store_true", help="train a base model from scratch on the pretraining mixture "
+                    "(not over a checkpoint already in OUT, unless --resume)")
 parser.add_argument("--init", default="runs/base/ckpt.pt", help="base checkpoint to fine-tune (not with --pretrain)")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
@@ -116,8 +118,13 @@ try:
                          f"{args.grad_accum} micro-batches (--grad-accum)")
     skills = [] if args.pretrain else parse_skills(args.skills)
     device = get_device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryFile(dir=args.out):  # fail now, not after loading, if --out cannot be written
+        pass
 except ValueError as e:
     fail(e)
+except OSError as e:
+    fail(f"cannot write to --out {args.out} ({e.strerror})")
 if ddp:  # one process per device: nccl between GPUs, gloo between CPU processes
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -141,6 +148,14 @@ metrics = []  # the records already in OUT/metrics.jsonl that this run keeps
 
 try:
     if args.pretrain:
+        if not args.resume:  # never replace a good base model silently
+            try:
+                load_checkpoint(ckpt_path)
+            except ValueError:
+                pass  # no file, or a broken one: nothing to keep
+            else:
+                raise ValueError(f"{ckpt_path} already holds a checkpoint; choose another --out, delete it, "
+                                 "or pass --resume to continue it")
         config = GPTConfig(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
         model = GPT(config).to(device)
         stages = ["pretrain"]
@@ -171,7 +186,6 @@ ddp_model = DDP(model) if ddp else model
 print0(f"model: {model.num_params() / 1e6:.2f}M parameters on {device}"
        + (f"; {world_size} processes" if ddp else "") + (f"; resuming stage {start_stage + 1} step {start_step}" if args.resume else ""))
 
-os.makedirs(args.out, exist_ok=True)
 if master:
     log_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
     log_file.writelines(metrics)
@@ -191,6 +205,12 @@ def lr_at(step):
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def eta(seconds, steps_done, steps_left):
+    """Time left in a stage, from its mean step time so far (evaluations included): '1m05s' or '42s'."""
+    left = round(seconds / steps_done * steps_left)
+    return f"{left // 60}m{left % 60:02d}s" if left >= 60 else f"{left}s"
 
 
 def get_batch(skill, data_rng):
@@ -278,7 +298,10 @@ for stage, skill in enumerate(stages):
         ms = (time.time() - t0) * 1000
         if master:
             log({"stage": stage, "skill": skill, "step": step, "loss": loss, "lr": lr, "ms": ms})
-        print0(f"stage {stage + 1}/{len(stages)} {skill} | step {step + 1}/{args.steps} | loss {loss:.4f} | lr {lr:.2e} | {ms:.0f}ms")
+        # time left in the stage's budget (less if it stops at --stop-at), from the steps since it (or --resume) began
+        left = eta(time.time() - t_stage, step + 1 - start_step, args.steps - step - 1)
+        print0(f"stage {stage + 1}/{len(stages)} {skill} | step {step + 1}/{args.steps} | loss {loss:.4f} "
+               f"| lr {lr:.2e} | {ms:.0f}ms | eta {left}")
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
             checkpoint(stage, step + 1, False, optimizer)  # in the middle of the stage, for --resume
     else:

@@ -1,6 +1,7 @@
 """
-Smoke tests of the scripts (train_sft.py, eval.py) through subprocess, with tiny budgets:
-they run, write what they promise, are reproducible, and fail cleanly on bad input.
+Smoke tests of the scripts (train_sft.py, eval.py, and what train_sdft.py shares with
+train_sft.py) through subprocess, with tiny budgets: they run, write what they promise, are
+reproducible, show the time left, and fail cleanly on bad input.
 
     python -m pytest -q tests/test_scripts.py
 
@@ -10,6 +11,7 @@ A tiny pretrained checkpoint (1 layer, 32 wide, 3 steps) is made once per module
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -129,6 +131,22 @@ def test_sft_smoke(base_ckpt, tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(model.state_dict().values(), base.state_dict().values()))
 
 
+def test_step_lines_end_with_time_left(base_ckpt, tmp_path):
+    """Both training scripts end every step line with the time left in the stage ('eta 1m05s'
+    or 'eta 42s'), which is 0s at the last step of each stage."""
+    tiny = ["--init", base_ckpt, "--skills", "rotl,swap", "--steps", 3, "--eval-every", 100, "--eval-n", 2,
+            "--batch-size", 2, "--device", "cpu"]
+    procs = {script: start(script, *tiny, "--out", tmp_path / script) for script in ("train_sft.py", "train_sdft.py")}
+    for script, proc in procs.items():
+        rc, stdout, stderr = finish(proc)
+        assert rc == 0, (script, stderr)
+        lines = [line for line in stdout.splitlines() if "| loss " in line]  # one per step
+        assert len(lines) == 6, (script, stdout)
+        for line in lines:
+            assert re.search(r" \| eta ([1-9]\d*m[0-5]\ds|[1-5]?\ds)$", line), (script, line)
+        assert all(line.endswith("| eta 0s") for line in lines[2::3]), (script, lines)  # the last step of each stage
+
+
 # -----------------------------------------------------------------------------
 # eval.py
 
@@ -239,3 +257,43 @@ def test_failing_run_keeps_good_checkpoint(bad_runs, base_ckpt):
     assert (tmp / "out_late" / "ckpt.pt").read_bytes() == good
     for name in ("out", "out_late"):
         assert sorted(os.listdir(tmp / name)) == ["ckpt.pt", "metrics.jsonl"]
+
+
+def test_unwritable_out_is_a_clean_error(base_ckpt, tmp_path):
+    """An --out that cannot be created stops both training scripts with one 'error:' line,
+    before anything is loaded (the 'model:' line comes after loading)."""
+    (tmp_path / "file").write_text("not a directory")
+    out = tmp_path / "file" / "run"
+    cases = [(*PRETRAIN, "--out", out), ("train_sft.py", "--init", base_ckpt, "--out", out),
+             ("train_sdft.py", "--init", base_ckpt, "--out", out)]
+    procs = [start(*args) for args in cases]  # side by side
+    for args, proc in zip(cases, procs):
+        rc, stdout, stderr = finish(proc)
+        check_clean_error(rc, stderr, f"cannot write to --out {out}", args)
+        assert stdout == "", (args, stdout)
+
+
+def test_pretrain_keeps_a_checkpoint_in_out(base_ckpt, tmp_path):
+    """Pretraining into an --out that holds a readable checkpoint, without --resume, refuses and
+    leaves OUT as it was; a broken file there is no checkpoint, and is replaced. Fine-tuning
+    into an --out that holds a checkpoint runs as before (a rerun overwrites its own run)."""
+    for name in ("kept", "broken", "finetuned"):
+        (tmp_path / name).mkdir()
+        shutil.copy2(base_ckpt, tmp_path / name / "ckpt.pt")
+        shutil.copy2(base_ckpt.parent / "metrics.jsonl", tmp_path / name / "metrics.jsonl")
+    (tmp_path / "broken" / "ckpt.pt").write_bytes(base_ckpt.read_bytes()[:1000])  # truncated
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (tmp_path / "kept").iterdir()}
+    procs = {"kept": start(*PRETRAIN, "--out", tmp_path / "kept"),
+             "broken": start(*PRETRAIN, "--out", tmp_path / "broken"),
+             "finetuned": start("train_sft.py", "--init", base_ckpt, "--skills", "rotl", "--steps", 1, "--eval-n", 2,
+                                "--batch-size", 2, "--device", "cpu", "--out", tmp_path / "finetuned")}
+    results = {name: finish(proc) for name, proc in procs.items()}
+    rc, _, stderr = results["kept"]
+    check_clean_error(rc, stderr, "already holds a checkpoint", "pretrain over a checkpoint")
+    assert "--resume" in stderr
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (tmp_path / "kept").iterdir()} == before
+    for name in ("broken", "finetuned"):
+        rc, _, stderr = results[name]
+        assert rc == 0, (name, stderr)
+        _, ckpt = load_checkpoint(str(tmp_path / name / "ckpt.pt"))
+        assert ckpt["skills"] == (["pretrain"] if name == "broken" else ["rotl"])
