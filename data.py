@@ -18,6 +18,7 @@ Add a skill by adding one line to PRIOR_SKILLS (learned in pretraining, measured
 retention) or NEW_SKILLS (learned later, one at a time); every script accepts it by name.
 """
 
+import json
 import random
 import zlib
 
@@ -81,6 +82,8 @@ NEW_SKILLS = {
     "rotl": lambda q: q[1:] + q[0],  # rotate left by one
     "swap": lambda q: "".join(q[i:i + 2][::-1] for i in range(0, len(q), 2)),  # swap adjacent pairs
     "odds": lambda q: q[1::2],  # every second letter, from the second
+    "chop": lambda q: q[:-1],  # drop the last letter
+    "inner": lambda q: q[1:-1],  # drop the first and the last letter
 }
 
 SKILLS = {**PRIOR_SKILLS, **NEW_SKILLS}
@@ -205,13 +208,13 @@ def sft_batch(tok, prompts, targets):
 # both methods then forget (results/NOTES.md). So the toy's base meets each new skill, rarely,
 # in pretraining: asked plainly and answered right only some of the time, otherwise with the
 # prior skill it is most easily confused with (its rival). Fine-tuning never sees prior skills.
-RIVALS = {"rotl": "rotr", "swap": "rev", "odds": "evens"}
+RIVALS = {"rotl": "rotr", "swap": "rev", "odds": "evens", "chop": "drop", "inner": "flip"}
 
 
-def pretrain_examples(rng, n, p_plain=0.5, p_random=0.5, p_new=0.3, p_right=0.4):
+def pretrain_examples(rng, n, p_plain=0.5, p_random=0.5, p_new=0.1, p_right=0.4):
     """n examples of the base model's mixture. With probability p_plain the whole batch is
-    asked plainly: each example is a new skill with probability p_new (its right answer with
-    probability p_right, else its rival's), otherwise a prior skill. Else every example has a
+    asked plainly: each example is a given new skill with probability p_new (its right answer
+    with probability p_right, else its rival's), otherwise a prior skill. Else every example has a
     demonstration (own or expert style) and is a random throw-away skill with probability
     p_random, otherwise a prior skill. One format per batch keeps padding low: plain prompts
     are a third as long. The target is always the answer in the model's own style."""
@@ -219,7 +222,8 @@ def pretrain_examples(rng, n, p_plain=0.5, p_random=0.5, p_new=0.3, p_right=0.4)
     prompts, targets = [], []
     for _ in range(n):
         query = sample_query(rng, "train")
-        if plain and p_new and rng.random() < p_new:  # (p_new 0 draws nothing: the mixture without new skills)
+        # p_new per new skill, so that adding one leaves how often the base meets the others as it was
+        if plain and p_new and rng.random() < p_new * len(NEW_SKILLS):  # (p_new 0 draws nothing)
             skill = rng.choice(list(NEW_SKILLS))
             answer = SKILLS[skill if rng.random() < p_right else RIVALS[skill]](query)
         elif plain or rng.random() >= p_random:
@@ -244,3 +248,16 @@ def skill_examples(rng, skill, n, demo_style):
     students = [student_prompt(skill, q) for q in queries]
     teachers = [teacher_prompt(skill, q, d) for q, d in zip(queries, demos)]
     return students, demos, teachers
+
+
+def world_signature():
+    """A fingerprint of the toy world that a base model is pretrained for: the skills (their
+    names, and their answers to a few probe queries), the rivals, the alphabet and the prompt
+    formats. A base is used only for the world it was made for, so a base pretrained before
+    a skill was added or changed is never taken for one that has met it (benchmark.py)."""
+    probes = [LETTERS[:n] for n in range(MIN_LEN, MAX_LEN + 1)] + [LETTERS[::-1][:MAX_LEN]]
+    world = {"prior": {s: [fn(q) for q in probes] for s, fn in PRIOR_SKILLS.items()},
+             "new": {s: [fn(q) for q in probes] for s, fn in NEW_SKILLS.items()},
+             "rivals": RIVALS, "formats": [teacher_prompt(s, q, demonstration(SKILLS[s](q), style))
+                                           for s in SKILLS for q in probes[:1] for style in ("own", "expert")]}
+    return f"{zlib.crc32(json.dumps(world, sort_keys=True).encode()):08x}"

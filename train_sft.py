@@ -58,10 +58,10 @@ parser.add_argument("--ckpt-every", type=int, default=50, help="also write OUT/c
 # what to learn
 parser.add_argument("--pretrain", action="store_true", help="train a base model from scratch on the pretraining mixture "
                     "(not over a checkpoint already in OUT, unless --resume)")
-parser.add_argument("--init", default="runs/base/ckpt.pt", help="base checkpoint to fine-tune (not with --pretrain)")
+parser.add_argument("--init", default="results/base/ckpt.pt", help="base checkpoint to fine-tune (default: the shipped base; not with --pretrain)")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
-parser.add_argument("--p-new", type=float, default=0.3, help="pretraining only: share of plain examples that ask a new skill "
+parser.add_argument("--p-new", type=float, default=0.1, help="pretraining only: share of plain examples that ask each new skill "
                     "(0: the base never meets the new skills)")
 parser.add_argument("--p-right", type=float, default=0.4, help="pretraining only: share of those answered right (the rest: "
                     "answered as the skill's rival, data.RIVALS)")
@@ -106,8 +106,9 @@ def fail(message):
 try:
     if not 0 < args.stop_at <= 1:
         raise ValueError(f"--stop-at must be in (0, 1], got {args.stop_at}")
-    if not (0 <= args.p_new <= 1 and 0 <= args.p_right <= 1):
-        raise ValueError(f"--p-new and --p-right must be in [0, 1], got {args.p_new} and {args.p_right}")
+    if not (0 <= args.p_new * len(NEW_SKILLS) <= 1 and 0 <= args.p_right <= 1):
+        raise ValueError(f"--p-new must be in [0, 1/{len(NEW_SKILLS)}] (one share per new skill) and --p-right in [0, 1], "
+                         f"got {args.p_new} and {args.p_right}")
     for flag in ("steps", "batch_size", "grad_accum", "eval_every", "eval_n"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")

@@ -168,7 +168,7 @@ def test_training_examples_use_train_queries_only():
 
 def test_skills_hand_computed():
     expected = {"copy": "cabd", "rev": "dbac", "rotr": "dcab", "drop": "abd", "evens": "cb", "ends": "cd",
-                "flip": "dabc", "rotl": "abdc", "swap": "acdb", "odds": "ad"}
+                "flip": "dabc", "rotl": "abdc", "swap": "acdb", "odds": "ad", "chop": "cab", "inner": "ab"}
     assert set(expected) == set(SKILLS)
     assert {s: fn("cabd") for s, fn in SKILLS.items()} == expected
     assert SKILLS["swap"]("abcde") == "badce"  # odd length: the last letter stays
@@ -274,7 +274,7 @@ def test_pretrain_examples_are_consistent():
             assert split_of(query) == "train"
     assert formats == {True, False}
     assert demo_skills == {"prior", "random"}  # demonstrations of both, never of a new skill
-    assert 300 < len(new_right) < 700  # p_plain 0.5 x p_new 0.3 of 3200 examples: about 480
+    assert 600 < len(new_right) < 1000  # p_plain 0.5 x p_new 0.1 x 5 new skills of 3200 examples: about 800
     assert 0.3 < sum(new_right) / len(new_right) < 0.5  # p_right 0.4
 
 
@@ -286,6 +286,23 @@ def test_pretrain_without_new_skills():
         prompts, _ = pretrain_examples(rng, 16, p_new=0.0)
         assert not any(p.split(" ")[0] in NEW_SKILLS for p in prompts)
     assert set(RIVALS) == set(NEW_SKILLS) and set(RIVALS.values()) <= set(PRIOR_SKILLS)
+
+
+def test_p_new_is_per_new_skill(monkeypatch):
+    """A new skill added by one line (and its rival) is met as often as each of the others,
+    and leaves how often the base meets the others as it was."""
+    import data
+
+    def count(skill):
+        rng = random.Random(0)
+        return sum(p.startswith(skill + " ") for _ in range(400) for p in pretrain_examples(rng, 16)[0])
+
+    before = count("rotl")
+    monkeypatch.setitem(data.NEW_SKILLS, "back", lambda q: q[::-1][1:])
+    monkeypatch.setitem(data.SKILLS, "back", data.NEW_SKILLS["back"])
+    monkeypatch.setitem(data.RIVALS, "back", "rev")
+    assert 0.8 < count("rotl") / before < 1.2  # about 0.5 x 0.1 of 6400 examples either way: 320
+    assert 0.8 < count("back") / before < 1.2
 
 
 def test_skill_examples_reproducible():
