@@ -1,20 +1,25 @@
 """
 The sequential-skill benchmark: the paper's claims in miniature, in one command.
 
-    python benchmark.py                                        # one seed, both methods: ~6 min on 2 CPU cores
-    python benchmark.py --seeds 0,1,2 --lr 3e-5,1e-5,1e-4      # the headline: seeds and a learning-rate sweep
-    python benchmark.py --quick                                # a tiny run, for smoke tests and demos (~15 s)
+    python benchmark.py                                  # the shipped base, SFT and SDFT at their tuned rates: ~4 min on 2 CPU cores
+    python benchmark.py --seeds 0,1,2 --orders all       # every order of the new skills, 3 seeds each
+    python benchmark.py --lr-sft 3e-5,1e-4,3e-4 --lr-sdft 3e-6,1e-5,3e-5 --seeds 0,1,2   # a learning-rate sweep
+    python benchmark.py --pretrain --base runs/mybase/ckpt.pt   # pretrain a new base model first (~10 min)
+    python benchmark.py --quick                          # a tiny run, for smoke tests and demos (~15 s)
 
-1. Pretrain the base model with train_sft.py --pretrain (or reuse the --base checkpoint when
-   it was made with the same pretraining settings), and evaluate it: every skill plainly, and
-   with a demonstration in context (the teacher's accuracy).
-   (--base sets where; a cached base is shared by every --out.)
-2. For each learning rate, seed and method (SFT, SDFT): learn the new skills in sequence from
-   that one base, with train_sft.py / train_sdft.py, the same queries, demonstrations,
-   budgets and stopping rule; every skill is evaluated after every stage.
-3. Write OUT/results.json, print a table, and draw three plots: OUT/stages.png (the paper's
-   Figure 3 in miniature), OUT/pareto.png (prior-skill average against new-skill accuracy)
-   and OUT/forgetting.png (drop in prior-skill accuracy against kl_from_base).
+1. The base model: --base (default results/base/ckpt.pt, the one shipped with the repository
+   and behind every committed result). It is used only if it was pretrained with this
+   benchmark's pretraining settings and for this toy world (data.world_signature(): the
+   skills, their rivals, the alphabet, the prompt formats), so a base made before a skill was
+   added is never taken for one that met it. --pretrain makes a new one where --base holds
+   none; it never replaces a checkpoint. Evaluated plainly and with a demonstration in context.
+2. For each order of the new skills, method, learning rate and seed: learn the skills in
+   sequence from that one base with train_sft.py / train_sdft.py, with the same queries,
+   demonstrations, budgets and stopping rule; every skill is evaluated after every stage.
+3. Write OUT/results.json and OUT/table.md, print the table and whether the accumulation goals
+   hold, and draw three plots: OUT/stages.png (the paper's Figure 3 in miniature),
+   OUT/pareto.png (prior-skill average against new-skill accuracy) and OUT/forgetting.png
+   (drop in prior-skill accuracy against kl_from_base).
 
 The training runs are the scripts themselves, started as subprocesses: the benchmark only
 orchestrates them and reads their OUT/metrics.jsonl, so there is one implementation of each
@@ -22,69 +27,89 @@ method. Simplified relative to the paper: one toy model, string skills, one roll
 """
 
 import argparse
+import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-from data import NEW_SKILLS, PRIOR_SKILLS, Tokenizer, parse_skills
+from data import NEW_SKILLS, PRIOR_SKILLS, Tokenizer, parse_skills, world_signature
 from eval import evaluate
 from model import load_checkpoint
+
+# The learning rate of each method, tuned as the paper tuned each method: the rate of the
+# sweep in results/lr with the best mean accuracy over the new skills after the last stage
+# (the default order, 3 seeds; results/README.md). One recipe for every order and skill.
+LR = {"sft": 1e-4, "sdft": 1e-5}
 
 # -----------------------------------------------------------------------------
 # arguments
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--out", default=None, help="directory for results.json, the plots and the runs (default: results, "
-                    "or runs/benchmark-quick with --quick)")
-parser.add_argument("--base", default=None, help="base checkpoint, made here if missing or made with other settings "
-                    "(default: runs/benchmark-base[-quick]-pnewP/ckpt.pt)")
-parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds (the base model is pretrained once, seed 0)")
+parser.add_argument("--out", default=None, help="directory for results.json, table.md, the plots and the runs "
+                    "(default: runs/benchmark, or runs/benchmark-quick with --quick)")
+parser.add_argument("--base", default=None, help="base checkpoint (default: results/base/ckpt.pt, the shipped one; "
+                    "runs/benchmark-quick/base/ckpt.pt with --quick)")
+parser.add_argument("--pretrain", action="store_true", help="pretrain the base first, where --base holds none "
+                    "(a base made with the same settings for the same world is reused; any other is never replaced)")
+parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds (the base is pretrained once, seed 0)")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
-parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
-parser.add_argument("--lr", default="1e-4", help="peak learning rate of both methods; a comma-separated list gives a sweep")
+parser.add_argument("--skills", default=",".join(list(NEW_SKILLS)[:3]), help="new skills to learn in this order, comma-separated")
+parser.add_argument("--orders", default="given", choices=["given", "all"], help="the order of --skills only, or every order of them")
+parser.add_argument("--lr-sft", default=str(LR["sft"]), help="peak learning rate of SFT; a comma-separated list gives a sweep")
+parser.add_argument("--lr-sdft", default=str(LR["sdft"]), help="peak learning rate of SDFT; a comma-separated list gives a sweep")
 parser.add_argument("--steps", type=int, default=300, help="step budget per skill")
 parser.add_argument("--eval-n", type=int, default=100, help="queries per skill for validation and test accuracy")
-parser.add_argument("--p-new", type=float, default=0.3, help="how often the base meets a new skill in pretraining, "
+parser.add_argument("--p-new", type=float, default=0.1, help="pretraining: how often the base meets each new skill, "
                     "plainly and answered right 40%% of the time (0: never; the control in which both methods forget)")
 parser.add_argument("--quick", action="store_true", help="a tiny model and budgets: checks the pipeline, shows nothing")
 args = parser.parse_args()
-args.out = args.out or ("runs/benchmark-quick" if args.quick else "results")
-args.base = args.base or f"runs/benchmark-base{'-quick' if args.quick else ''}-pnew{args.p_new:g}/ckpt.pt"
+args.out = args.out or ("runs/benchmark-quick" if args.quick else "runs/benchmark")
+args.base = args.base or ("runs/benchmark-quick/base/ckpt.pt" if args.quick else "results/base/ckpt.pt")
+
+
+def numbers(text, flag, kind):
+    try:
+        values = [kind(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got '{text}'") from None
+    if not values or (kind is float and any(not v > 0 for v in values)):
+        raise ValueError(f"{flag} must list at least one {'positive number' if kind is float else 'seed'}, got '{text}'")
+    return values
+
 
 try:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    lrs = [float(s) for s in args.lr.split(",") if s.strip()]
-    if not seeds:
-        raise ValueError("--seeds is empty: give at least one seed, e.g. --seeds 0,1,2")
-    if not lrs or any(not lr > 0 for lr in lrs):
-        raise ValueError(f"--lr must be a comma-separated list of positive numbers, got '{args.lr}'")
+    seeds = numbers(args.seeds, "--seeds", int)
+    lrs = {"sft": numbers(args.lr_sft, "--lr-sft", float), "sdft": numbers(args.lr_sdft, "--lr-sdft", float)}
     if args.steps <= 0 or args.eval_n <= 0:
         raise ValueError("--steps and --eval-n must be positive")
     if not 0 <= args.p_new <= 1:
         raise ValueError(f"--p-new must be in [0, 1], got {args.p_new}")
     skills = parse_skills(args.skills)
+    if not set(skills) <= set(NEW_SKILLS) or len(set(skills)) < len(skills):
+        raise ValueError(f"--skills must name distinct new skills ({', '.join(NEW_SKILLS)}), got '{args.skills}'")
     os.makedirs(args.out, exist_ok=True)
-    probe = os.path.join(args.out, ".write-test")
-    with open(probe, "w"):  # fail now, not after the runs, if the results cannot be written
+    with tempfile.TemporaryFile(dir=args.out):  # fail now, not after the runs, if the results cannot be written
         pass
-    os.remove(probe)
-except ValueError as e:  # int() and float() say "invalid literal": name the flag instead
-    sys.exit(f"error: {e}" if "--" in str(e) or "skill" in str(e) else f"error: --seeds and --lr must be comma-separated numbers ({e})")
+except ValueError as e:
+    sys.exit(f"error: {e}")
 except OSError as e:
     sys.exit(f"error: cannot write to --out {args.out} ({e.strerror})")
 
-# pretraining settings: the cached base model is reused only when they match
+# pretraining settings: a base is used only when they, and the world, match
 PRETRAIN = {"steps": 5000, "n_layer": 4, "n_head": 4, "n_embd": 128, "seed": 0, "p_new": args.p_new, "p_right": 0.4}
 FINETUNE = {"steps": args.steps, "eval_n": args.eval_n}
 if args.quick:
     PRETRAIN |= {"steps": 200, "n_layer": 1, "n_head": 2, "n_embd": 32}
     FINETUNE = {"steps": 6, "eval_n": 8, "eval_every": 3}
 prior, new = list(PRIOR_SKILLS), list(NEW_SKILLS)
+orders = [list(o) for o in itertools.permutations(skills)] if args.orders == "all" else [skills]
 device = torch.device("cpu")  # evaluation of the base here; the scripts pick their own device
 tok = Tokenizer()
 t_start = time.time()
@@ -94,76 +119,117 @@ def flags(settings):
     return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
 
 
-def run_script(script, *script_args, on_stage=None):
-    """Run a training script to the end, echoing nothing but its stage summaries (through
-    on_stage). Exits with the script's own error line if it fails."""
+def run_script(script, *script_args, on_line=None):
+    """Run a training script to the end, passing each line it prints to on_line. Exits with
+    the script's own error line if it fails."""
     proc = subprocess.Popen([sys.executable, script, *script_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     for line in proc.stdout:
-        if " done: " in line and on_stage:
-            on_stage(line.strip())
+        on_line(line.strip())
     stderr = proc.stderr.read()
     if proc.wait() != 0:
         sys.exit(stderr.strip().splitlines()[-1] if stderr.strip() else f"error: {script} failed")
 
 
+def clock(seconds):
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 # -----------------------------------------------------------------------------
 # 1. the base model
+
+def check_base(ckpt):
+    """Why this checkpoint is not a base for this benchmark, or None if it is one."""
+    if not ckpt["args"].get("pretrain") or not ckpt.get("stage_done"):
+        return "it is not a finished pretraining run"
+    if ckpt.get("world") != world_signature():
+        return "it was pretrained for another toy world (data.py's skills, rivals or formats have changed since)"
+    other = {k: ckpt["args"].get(k) for k, v in PRETRAIN.items() if ckpt["args"].get(k) != v}
+    return f"it was pretrained with other settings ({other})" if other else None
+
 
 base_ckpt = args.base
 try:
     _, ckpt = load_checkpoint(base_ckpt)
-    # same settings, and finished: a pretraining run that was stopped leaves a mid-stage checkpoint
-    cached = all(ckpt["args"].get(k) == v for k, v in PRETRAIN.items()) and ckpt["args"].get("pretrain") \
-        and ckpt.get("stage_done")
 except ValueError:
-    cached = False
-if cached:
-    print(f"base model: reusing {base_ckpt}")
+    ckpt = None
+if ckpt is not None and check_base(ckpt):  # never replaced, even with --pretrain
+    sys.exit(f"error: {base_ckpt} is not a base for this benchmark: {check_base(ckpt)}; "
+             f"make one with --pretrain and another --base")
+if ckpt is None and os.path.exists(base_ckpt):
+    sys.exit(f"error: {base_ckpt} is not a readable checkpoint; move it away, or choose another --base")
+if ckpt is None and not (args.pretrain or args.quick):
+    sys.exit(f"error: no base model at {base_ckpt}; pass --pretrain to make one (~10 min on 2 CPU cores)")
+if ckpt is None:
+    print(f"base model: pretraining into {base_ckpt} ({PRETRAIN['steps']} steps)", flush=True)
+    last_shown = [0.0]
+
+    def show_pretraining(line):  # the script prints every step: show one line every ~15 s
+        if time.time() - last_shown[0] > 15 and " step " in line:
+            print(f"  {line} | {clock(time.time() - t_start)} elapsed", flush=True)
+            last_shown[0] = time.time()
+
+    os.makedirs(os.path.dirname(os.path.abspath(base_ckpt)), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(base_ckpt))) as tmp:
+        run_script("train_sft.py", "--pretrain", *flags(PRETRAIN), "--out", tmp, on_line=show_pretraining)
+        _, full = load_checkpoint(os.path.join(tmp, "ckpt.pt"))
+    # The base keeps its weights, its settings and its world, not the optimizer or RNG states: a few MB.
+    ckpt = {k: full[k] for k in ("model", "model_config", "args", "step", "stage", "skills", "stage_done")}
+    ckpt["world"] = world_signature()
+    torch.save(ckpt, base_ckpt + ".tmp")
+    os.replace(base_ckpt + ".tmp", base_ckpt)  # never a half-written base
 else:
-    print(f"base model: pretraining into {base_ckpt} ({PRETRAIN['steps']} steps)")
-    run_script("train_sft.py", "--pretrain", *flags(PRETRAIN), "--out", os.path.dirname(base_ckpt),
-               on_stage=lambda line: print(f"  {line} | {time.time() - t_start:.0f}s elapsed"))
+    print(f"base model: reusing {base_ckpt}, made with these settings for this world", flush=True)
 base_model, _ = load_checkpoint(base_ckpt, device)
 n = FINETUNE["eval_n"]
 base = {"accuracy": evaluate(base_model, tok, prior + new, device, n=n),
         "teacher_accuracy": evaluate(base_model, tok, prior + new, device, n=n, demo_style=args.demo_style)}
 print("base  " + " ".join(f"{s} {base['accuracy'][s]:.2f}" for s in prior + new))
-print("with a demonstration  " + " ".join(f"{s} {base['teacher_accuracy'][s]:.2f}" for s in new))
+print("with a demonstration  " + " ".join(f"{s} {base['teacher_accuracy'][s]:.2f}" for s in new), flush=True)
 
 # -----------------------------------------------------------------------------
-# 2. both methods, every seed and learning rate, from the same base
+# 2. both methods, every order, learning rate and seed, from the same base
 
-jobs = [(method, seed, lr) for lr in lrs for seed in seeds for method in ("sft", "sdft")]
+jobs = [(order, method, lr, seed) for order in orders for method in ("sft", "sdft") for lr in lrs[method] for seed in seeds]
 stages_done, stages_total = 0, len(jobs) * len(skills)
-t_runs = time.time()
+t_runs, last_shown = time.time(), 0.0
 
 
 def progress(line):
-    global stages_done
-    stages_done += 1
+    """Echo each stage summary, and a step line every ~15 s, with the time left for the whole
+    benchmark (from the mean time of a stage so far: stages that stop early make it shrink)."""
+    global stages_done, last_shown
     elapsed = time.time() - t_runs
-    eta = elapsed / stages_done * (stages_total - stages_done)
-    print(f"  [{stages_done}/{stages_total}] {line} | {time.time() - t_start:.0f}s elapsed, ~{eta:.0f}s to go", flush=True)
+    done = " done: " in line
+    if done:
+        stages_done += 1
+    if not done and (" step " not in line or time.time() - last_shown < 15):
+        return
+    left = f"~{clock(elapsed / stages_done * (stages_total - stages_done))} to go" if stages_done else "first stage"
+    print(f"  [{stages_done}/{stages_total} stages] {line} | {clock(time.time() - t_start)} elapsed, {left}", flush=True)
+    last_shown = time.time()
 
 
 runs = []
-for method, seed, lr in jobs:
-    run_dir = os.path.join(args.out, "runs", f"{method}-{args.demo_style}-seed{seed}-lr{lr:g}")
-    print(f"{method} seed {seed} lr {lr:g} -> {run_dir}")
-    run_script(f"train_{method}.py", "--init", base_ckpt, "--skills", ",".join(skills), "--seed", str(seed),
-               "--lr", str(lr), "--demo-style", args.demo_style, *flags(FINETUNE), "--out", run_dir, on_stage=progress)
+for order, method, lr, seed in jobs:
+    run_dir = os.path.join(args.out, "runs", f"{method}-{'-'.join(order)}-{args.demo_style}-seed{seed}-lr{lr:g}")
+    print(f"{method} {','.join(order)} seed {seed} lr {lr:g} -> {run_dir}", flush=True)
+    run_script(f"train_{method}.py", "--init", base_ckpt, "--skills", ",".join(order), "--seed", str(seed),
+               "--lr", str(lr), "--demo-style", args.demo_style, *flags(FINETUNE), "--out", run_dir, on_line=progress)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     stages = [{k: r[k] for k in ("skill", "steps", "seconds", "accuracy", "kl_from_base")}
               for r in records if "accuracy" in r]
-    runs.append({"method": method, "seed": seed, "demo_style": args.demo_style, "lr": lr, "stages": stages})
+    runs.append({"method": method, "order": order, "seed": seed, "demo_style": args.demo_style, "lr": lr,
+                 "stages": stages})
 
 # -----------------------------------------------------------------------------
-# 3. results, table, plots
+# 3. results, table, goals, plots
 
-config = {"skills": skills, "prior_skills": prior, "new_skills": new, "seeds": seeds, "lrs": lrs,
-          "demo_style": args.demo_style, "quick": args.quick, "pretrain": PRETRAIN, "finetune": FINETUNE}
+config = {"skills": skills, "orders": orders, "prior_skills": prior, "new_skills": new, "seeds": seeds, "lrs": lrs,
+          "demo_style": args.demo_style, "quick": args.quick, "base": base_ckpt, "world": world_signature(),
+          "pretrain": PRETRAIN, "finetune": FINETUNE}
 results = {"config": config, "base": base, "runs": runs}
 tmp = os.path.join(args.out, "results.json.tmp")
 with open(tmp, "w") as f:
@@ -176,22 +242,42 @@ def prior_avg(accuracy):
 
 
 def mean_sd(values):
-    return f"{statistics.mean(values):.2f}" + (f"±{statistics.stdev(values):.2f}" if len(values) > 1 else "")
+    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
-print(f"\naccuracy after each stage, mean±sd over seeds {seeds} ({args.demo_style} demonstrations); "
-      f"base prior average {prior_avg(base['accuracy']):.2f}")
-print(f"{'method':6s} {'lr':>7s} {'stage':10s} {'steps':>6s} " + " ".join(f"{s:>10s}" for s in skills)
-      + f" {'prior avg':>10s} {'kl_base':>10s}")
-for lr in lrs:
+def group(order, method, lr):
+    return [r for r in runs if r["order"] == order and r["method"] == method and r["lr"] == lr]
+
+
+# the table, as markdown (OUT/table.md, copied into the READMEs): mean ± sd over seeds
+rows = [f"| order | method | lr | stage | steps | {' | '.join(new)} | prior average | kl_from_base |",
+        "|" + "---|" * (len(new) + 7),
+        "| - | base | - | - | - | " + " | ".join(f"{base['accuracy'][s]:.2f}" for s in new)
+        + f" | {prior_avg(base['accuracy']):.2f} | 0 |"]
+for order in orders:
     for method in ("sft", "sdft"):
-        group = [r for r in runs if r["method"] == method and r["lr"] == lr]
-        for i, skill in enumerate(skills):
-            at = [r["stages"][i] for r in group]
-            print(f"{method:6s} {lr:7.0e} {f'{i + 1}:{skill}':10s} {statistics.mean(s['steps'] for s in at):6.0f} "
-                  + " ".join(f"{mean_sd([s['accuracy'][k] for s in at]):>10s}" for k in skills)
-                  + f" {mean_sd([prior_avg(s['accuracy']) for s in at]):>10s}"
-                  + f" {mean_sd([s['kl_from_base'] for s in at]):>10s}")
+        for lr in lrs[method]:
+            for i, skill in enumerate(order):
+                at = [r["stages"][i] for r in group(order, method, lr)]
+                rows.append(f"| {','.join(order)} | {method.upper()} | {lr:g} | {i + 1}: {skill} "
+                            f"| {statistics.mean(s['steps'] for s in at):.0f} | "
+                            + " | ".join(mean_sd([s["accuracy"][k] for s in at]) for k in new)
+                            + f" | {mean_sd([prior_avg(s['accuracy']) for s in at])} | {mean_sd([s['kl_from_base'] for s in at])} |")
+with open(os.path.join(args.out, "table.md"), "w") as f:
+    f.write("\n".join(rows) + "\n")
+print(f"\naccuracy after each stage, mean ± sd over seeds {seeds} ({args.demo_style} demonstrations)")
+print("\n".join(rows))
+
+# the accumulation goals, after the last stage of every run
+print("\nafter the last stage (goals: every learned skill >= 0.9, prior average >= 0.9 of the base's):")
+for method in ("sft", "sdft"):
+    for lr in lrs[method]:
+        finals = [r["stages"][-1]["accuracy"] for r in runs if r["method"] == method and r["lr"] == lr]
+        worst_new = [min(a[s] for s in skills) for a in finals]
+        kept = [prior_avg(a) / max(prior_avg(base["accuracy"]), 1e-9) for a in finals]  # (a --quick base knows nothing)
+        print(f"  {method.upper():4s} lr {lr:g}: every learned skill >= 0.9 in {sum(w >= 0.9 for w in worst_new)}/{len(finals)} "
+              f"runs (worst {min(worst_new):.2f}); prior average >= 0.9 of the base's in {sum(k >= 0.9 for k in kept)}/"
+              f"{len(finals)} (worst {min(kept):.2f})")
 
 import matplotlib  # noqa: E402  (imported late: only the plots need it)
 
@@ -200,35 +286,36 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"sft": "tab:red", "sdft": "tab:blue"}
 
-# (1) Figure 3 in miniature: each new skill and the prior average across stages, per method (first lr)
+# (1) Figure 3 in miniature: each new skill and the prior average across stages, per method
+# (the first order, each method at its first learning rate)
 fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
 for ax, method in zip(axes, ("sft", "sdft")):
-    group = [r for r in runs if r["method"] == method and r["lr"] == lrs[0]]
+    runs_here = group(orders[0], method, lrs[method][0])
     x = range(len(skills) + 1)
-    for k in skills + ["prior average"]:
+    for k in orders[0] + ["prior average"]:
         ys = [[base["accuracy"][k] if k != "prior average" else prior_avg(base["accuracy"])]
               + [s["accuracy"][k] if k != "prior average" else prior_avg(s["accuracy"]) for s in r["stages"]]
-              for r in group]
+              for r in runs_here]
         ax.plot(x, [statistics.mean(col) for col in zip(*ys)], marker="o", label=k,
                 linestyle="--" if k == "prior average" else "-")
-    ax.set_xticks(list(x), ["base"] + [f"after {s}" for s in skills])
-    ax.set_title(f"{method.upper()} (lr {lrs[0]:g}, {args.demo_style}, {len(group)} seeds)")
+    ax.set_xticks(list(x), ["base"] + [f"after {s}" for s in orders[0]])
+    ax.set_title(f"{method.upper()} (lr {lrs[method][0]:g}, {args.demo_style}, {len(runs_here)} seeds)")
     ax.set_ylim(-0.05, 1.05)
 axes[0].set_ylabel("test accuracy")
-axes[1].legend(loc="center right")
+axes[1].legend(loc="lower left")
 fig.tight_layout()
 fig.savefig(os.path.join(args.out, "stages.png"), dpi=120)
 
 # (2) Pareto view after the first stage: prior average against the new skill, per method and lr
 fig, ax = plt.subplots(figsize=(5, 4))
 for method in ("sft", "sdft"):
-    for lr in lrs:
-        first = [r["stages"][0] for r in runs if r["method"] == method and r["lr"] == lr]
-        xy = (statistics.mean(s["accuracy"][skills[0]] for s in first),
+    for lr in lrs[method]:
+        first = [r["stages"][0] for r in group(orders[0], method, lr)]
+        xy = (statistics.mean(s["accuracy"][orders[0][0]] for s in first),
               statistics.mean(prior_avg(s["accuracy"]) for s in first))
         ax.scatter(*xy, color=COLORS[method])
         ax.annotate(f"{method} {lr:g}", xy, fontsize=8)
-ax.set_xlabel(f"new skill accuracy ({skills[0]}, after stage 1)")
+ax.set_xlabel(f"new skill accuracy ({orders[0][0]}, after stage 1)")
 ax.set_ylabel("prior-skill average")
 ax.set_xlim(-0.05, 1.05)
 ax.set_ylim(-0.05, 1.05)
@@ -248,5 +335,5 @@ fig.tight_layout()
 fig.savefig(os.path.join(args.out, "forgetting.png"), dpi=120)
 plt.close("all")
 
-print(f"\nwrote {os.path.join(args.out, 'results.json')} and stages.png, pareto.png, forgetting.png; "
-      f"total time {time.time() - t_start:.0f}s")
+print(f"\nwrote {os.path.join(args.out, 'results.json')}, table.md and stages.png, pareto.png, forgetting.png; "
+      f"total time {clock(time.time() - t_start)}")

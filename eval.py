@@ -1,8 +1,9 @@
 """
 Per-skill evaluation: greedy decoding, exact match of the final answer, on held-out queries.
 
-    python eval.py --ckpt runs/base/ckpt.pt
-    python eval.py --ckpt runs/base/ckpt.pt --temperature 1   # sampled, as SDFT's rollouts are
+    python eval.py                                            # the shipped base, results/base/ckpt.pt
+    python eval.py --ckpt runs/sdft/ckpt.pt
+    python eval.py --temperature 1                            # sampled, as SDFT's rollouts are
 
 prints, for every skill, the accuracy of the plain student prompt and, as the teacher
 sees it, with an `own` and an `expert` demonstration for the same query in context,
@@ -79,7 +80,7 @@ def kl_from_base(model, base, tok, skill, device, split="test", n=100, seed=0):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint to evaluate")
+    parser.add_argument("--ckpt", default="results/base/ckpt.pt", help="checkpoint to evaluate (default: the shipped base)")
     parser.add_argument("--skills", default=",".join(SKILLS), help="comma-separated skills (default: all)")
     parser.add_argument("--split", default="test", choices=["test", "val"], help="which held-out queries")
     parser.add_argument("--n", type=int, default=200, help="queries per skill")

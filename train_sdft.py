@@ -50,7 +50,7 @@ parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: t
 parser.add_argument("--resume", action="store_true", help="continue the run in OUT/ckpt.pt (with the same settings)")
 parser.add_argument("--ckpt-every", type=int, default=50, help="also write OUT/ckpt.pt every this many steps (0: only after each stage)")
 # what to learn
-parser.add_argument("--init", default="runs/base/ckpt.pt", help="base checkpoint to fine-tune")
+parser.add_argument("--init", default="results/base/ckpt.pt", help="base checkpoint to fine-tune (default: the shipped base)")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
 # SDFT

@@ -1,7 +1,8 @@
 """
 End-to-end test of benchmark.py --quick through subprocess: it runs, writes results.json of
-the documented shape with values in range, draws the three plots, and refuses bad input
-with one clear sentence without touching earlier results.
+the documented shape with values in range, draws the three plots, uses a base only for the
+settings and the world it was made for, never replaces one, and refuses bad input with one
+clear sentence without touching earlier results.
 
     python -m pytest -q tests/test_benchmark.py
 """
@@ -14,10 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from data import NEW_SKILLS, PRIOR_SKILLS
+from data import NEW_SKILLS, PRIOR_SKILLS, world_signature
 
 ROOT = Path(__file__).resolve().parents[1]
+TWO = list(NEW_SKILLS)[:2]  # two new skills: two orders, and quick
 
 
 def run_benchmark(*args):
@@ -28,29 +31,35 @@ def run_benchmark(*args):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
+    """One quick run over both orders of two new skills, two seeds; it pretrains its tiny base."""
     tmp = tmp_path_factory.mktemp("benchmark")
-    proc = run_benchmark("--quick", "--seeds", "0,1", "--out", tmp / "out", "--base", tmp / "base" / "ckpt.pt")
+    proc = run_benchmark("--quick", "--seeds", "0,1", "--skills", ",".join(TWO), "--orders", "all",
+                         "--out", tmp / "out", "--base", tmp / "base" / "ckpt.pt")
     return tmp, proc
 
 
 def test_quick_run_writes_results(quick):
     tmp, proc = quick
     assert proc.returncode == 0, proc.stderr
+    assert "pretraining into" in proc.stdout
     assert "total time" in proc.stdout.splitlines()[-1]
     for name in ("stages.png", "pareto.png", "forgetting.png"):
         assert (tmp / "out" / name).stat().st_size > 1000, name
     results = json.loads((tmp / "out" / "results.json").read_text())
     assert set(results) == {"config", "base", "runs"}
+    assert results["config"]["world"] == world_signature()
     every = list(PRIOR_SKILLS) + list(NEW_SKILLS)
     assert set(results["base"]) == {"accuracy", "teacher_accuracy"}
     for key in ("accuracy", "teacher_accuracy"):
         assert list(results["base"][key]) == every
         assert all(0 <= a <= 1 for a in results["base"][key].values())
     runs = results["runs"]
-    assert sorted((r["method"], r["seed"]) for r in runs) == [("sdft", 0), ("sdft", 1), ("sft", 0), ("sft", 1)]
+    orders = [TWO, TWO[::-1]]
+    assert sorted((r["method"], r["order"], r["seed"]) for r in runs) == sorted(
+        (m, o, s) for m in ("sft", "sdft") for o in orders for s in (0, 1))
     for run in runs:
         assert run["demo_style"] == "expert" and run["lr"] > 0
-        assert [s["skill"] for s in run["stages"]] == list(NEW_SKILLS)
+        assert [s["skill"] for s in run["stages"]] == run["order"]
         for stage in run["stages"]:
             assert set(stage) == {"skill", "steps", "seconds", "accuracy", "kl_from_base"}
             assert list(stage["accuracy"]) == every
@@ -58,23 +67,61 @@ def test_quick_run_writes_results(quick):
             assert 0 <= stage["steps"] <= results["config"]["finetune"]["steps"]
             assert stage["seconds"] > 0
             assert math.isfinite(stage["kl_from_base"]) and stage["kl_from_base"] >= 0
+    # the markdown table: the base row, then one row per order, method, learning rate and stage
+    table = (tmp / "out" / "table.md").read_text().splitlines()
+    assert len(table) == 3 + len(orders) * 2 * len(TWO)
+    assert "every learned skill >= 0.9 in" in proc.stdout
 
 
-def test_reuses_cached_base(quick):
+def test_base_is_weights_only_and_reused(quick):
     tmp, _ = quick
-    before = (tmp / "base" / "ckpt.pt").stat().st_mtime_ns
-    proc = run_benchmark("--quick", "--seeds", "0", "--skills", "rotl", "--out", tmp / "again",
-                         "--base", tmp / "base" / "ckpt.pt")
-    assert proc.returncode == 0, proc.stderr
-    assert "reusing" in proc.stdout
-    assert (tmp / "base" / "ckpt.pt").stat().st_mtime_ns == before
+    base = tmp / "base" / "ckpt.pt"
+    ckpt = torch.load(base, weights_only=True)
+    assert "optimizer" not in ckpt and ckpt["world"] == world_signature() and ckpt["args"]["pretrain"]
+    before = base.stat().st_mtime_ns
+    for extra in ([], ["--pretrain"]):  # --pretrain finds a base of the same settings and world: reused, not replaced
+        proc = run_benchmark("--quick", "--seeds", "0", "--skills", TWO[0], "--out", tmp / "again", "--base", base, *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert "reusing" in proc.stdout and "pretraining" not in proc.stdout
+    assert base.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("change, flags, needle", [
+    ("world", [], "another toy world"),  # e.g. made before a skill was added
+    ("world", ["--pretrain"], "another toy world"),  # --pretrain never replaces it either
+    (None, ["--p-new", "0.05"], "other settings"),
+    ("garbage", ["--pretrain"], "not a readable checkpoint"),
+])
+def test_base_of_another_world_or_settings_is_refused(quick, tmp_path, change, flags, needle):
+    tmp, _ = quick
+    base = tmp_path / "ckpt.pt"
+    ckpt = torch.load(tmp / "base" / "ckpt.pt", weights_only=True)
+    if change == "world":
+        ckpt["world"] = "0" * 8
+    torch.save(ckpt, base)
+    if change == "garbage":
+        base.write_bytes(b"not a checkpoint")
+    before = base.read_bytes()
+    proc = run_benchmark("--quick", "--out", tmp_path / "out", "--base", base, *flags)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+    assert base.read_bytes() == before
+
+
+def test_no_base_without_pretrain(tmp_path):
+    proc = run_benchmark("--out", tmp_path / "out", "--base", tmp_path / "none" / "ckpt.pt")
+    assert proc.returncode != 0 and "--pretrain" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("flags, needle", [
     (["--skills", "rotl,nope"], "nope"),
+    (["--skills", "copy"], "new skills"),
+    (["--skills", "rotl,rotl"], "distinct"),
     (["--seeds", ""], "--seeds"),
     (["--seeds", "a,b"], "--seeds"),
-    (["--lr", "-1"], "--lr"),
+    (["--lr-sdft", "-1"], "--lr-sdft"),
+    (["--lr-sft", "x"], "--lr-sft"),
     (["--out", "/proc/no-such-dir/out"], "--out"),
 ])
 def test_bad_input(quick, flags, needle):
