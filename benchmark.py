@@ -35,7 +35,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -68,6 +70,8 @@ parser.add_argument("--steps", type=int, default=300, help="step budget per skil
 parser.add_argument("--eval-n", type=int, default=100, help="queries per skill for validation and test accuracy")
 parser.add_argument("--p-new", type=float, default=0.1, help="pretraining: how often the base meets each new skill, "
                     "plainly and answered right 40%% of the time (0: never; the control in which both methods forget)")
+parser.add_argument("--jobs", type=int, default=2, help="training runs side by side; each uses one thread, "
+                    "so the results do not depend on this")
 parser.add_argument("--quick", action="store_true", help="a tiny model and budgets: checks the pipeline, shows nothing")
 args = parser.parse_args()
 args.out = args.out or ("runs/benchmark-quick" if args.quick else "runs/benchmark")
@@ -87,8 +91,8 @@ def numbers(text, flag, kind):
 try:
     seeds = numbers(args.seeds, "--seeds", int)
     lrs = {"sft": numbers(args.lr_sft, "--lr-sft", float), "sdft": numbers(args.lr_sdft, "--lr-sdft", float)}
-    if args.steps <= 0 or args.eval_n <= 0:
-        raise ValueError("--steps and --eval-n must be positive")
+    if args.steps <= 0 or args.eval_n <= 0 or args.jobs <= 0:
+        raise ValueError("--steps, --eval-n and --jobs must be positive")
     if not 0 <= args.p_new <= 1:
         raise ValueError(f"--p-new must be in [0, 1], got {args.p_new}")
     skills = parse_skills(args.skills)
@@ -121,9 +125,11 @@ def flags(settings):
 
 def run_script(script, *script_args, on_line=None):
     """Run a training script to the end, passing each line it prints to on_line. Exits with
-    the script's own error line if it fails."""
+    the script's own error line if it fails. One thread per script: a CPU run repeats exactly
+    only at the same thread count, so the results do not depend on --jobs or the machine's cores."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, script, *script_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                            text=True, cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
     for line in proc.stdout:
         on_line(line.strip())
     stderr = proc.stderr.read()
@@ -193,36 +199,42 @@ print("with a demonstration  " + " ".join(f"{s} {base['teacher_accuracy'][s]:.2f
 
 jobs = [(order, method, lr, seed) for order in orders for method in ("sft", "sdft") for lr in lrs[method] for seed in seeds]
 stages_done, stages_total = 0, len(jobs) * len(skills)
-t_runs, last_shown = time.time(), 0.0
+t_runs, last_shown, lock = time.time(), 0.0, threading.Lock()
 
 
-def progress(line):
+def progress(name, line):
     """Echo each stage summary, and a step line every ~15 s, with the time left for the whole
     benchmark (from the mean time of a stage so far: stages that stop early make it shrink)."""
     global stages_done, last_shown
-    elapsed = time.time() - t_runs
-    done = " done: " in line
-    if done:
-        stages_done += 1
-    if not done and (" step " not in line or time.time() - last_shown < 15):
-        return
-    left = f"~{clock(elapsed / stages_done * (stages_total - stages_done))} to go" if stages_done else "first stage"
-    print(f"  [{stages_done}/{stages_total} stages] {line} | {clock(time.time() - t_start)} elapsed, {left}", flush=True)
-    last_shown = time.time()
+    with lock:  # --jobs runs report from their own threads
+        done = " done: " in line
+        stages_done += done
+        if not done and (" step " not in line or time.time() - last_shown < 15):
+            return
+        elapsed, last_shown = time.time() - t_runs, time.time()
+        left = f"~{clock(elapsed / stages_done * (stages_total - stages_done))} to go" if stages_done else "first stage"
+        print(f"  [{stages_done}/{stages_total} stages] {name}: {line} | {clock(time.time() - t_start)} elapsed, {left}",
+              flush=True)
 
 
-runs = []
-for order, method, lr, seed in jobs:
-    run_dir = os.path.join(args.out, "runs", f"{method}-{'-'.join(order)}-{args.demo_style}-seed{seed}-lr{lr:g}")
-    print(f"{method} {','.join(order)} seed {seed} lr {lr:g} -> {run_dir}", flush=True)
+def run(job):
+    """One training run of the benchmark; returns its record for results.json."""
+    order, method, lr, seed = job
+    name = f"{method}-{'-'.join(order)}-{args.demo_style}-seed{seed}-lr{lr:g}"
+    run_dir = os.path.join(args.out, "runs", name)
     run_script(f"train_{method}.py", "--init", base_ckpt, "--skills", ",".join(order), "--seed", str(seed),
-               "--lr", str(lr), "--demo-style", args.demo_style, *flags(FINETUNE), "--out", run_dir, on_line=progress)
+               "--lr", str(lr), "--demo-style", args.demo_style, *flags(FINETUNE), "--out", run_dir,
+               on_line=lambda line: progress(name, line))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     stages = [{k: r[k] for k in ("skill", "steps", "seconds", "accuracy", "kl_from_base")}
               for r in records if "accuracy" in r]
-    runs.append({"method": method, "order": order, "seed": seed, "demo_style": args.demo_style, "lr": lr,
-                 "stages": stages})
+    return {"method": method, "order": order, "seed": seed, "demo_style": args.demo_style, "lr": lr, "stages": stages}
+
+
+print(f"{len(jobs)} training runs, {args.jobs} at a time, into {os.path.join(args.out, 'runs')}", flush=True)
+with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the scripts, which do the work
+    runs = list(pool.map(run, jobs))
 
 # -----------------------------------------------------------------------------
 # 3. results, table, goals, plots

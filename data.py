@@ -82,8 +82,6 @@ NEW_SKILLS = {
     "rotl": lambda q: q[1:] + q[0],  # rotate left by one
     "swap": lambda q: "".join(q[i:i + 2][::-1] for i in range(0, len(q), 2)),  # swap adjacent pairs
     "odds": lambda q: q[1::2],  # every second letter, from the second
-    "chop": lambda q: q[:-1],  # drop the last letter
-    "inner": lambda q: q[1:-1],  # drop the first and the last letter
 }
 
 SKILLS = {**PRIOR_SKILLS, **NEW_SKILLS}
@@ -208,7 +206,7 @@ def sft_batch(tok, prompts, targets):
 # both methods then forget (results/NOTES.md). So the toy's base meets each new skill, rarely,
 # in pretraining: asked plainly and answered right only some of the time, otherwise with the
 # prior skill it is most easily confused with (its rival). Fine-tuning never sees prior skills.
-RIVALS = {"rotl": "rotr", "swap": "rev", "odds": "evens", "chop": "drop", "inner": "flip"}
+RIVALS = {"rotl": "rotr", "swap": "rev", "odds": "evens"}
 
 
 def pretrain_examples(rng, n, p_plain=0.5, p_random=0.5, p_new=0.1, p_right=0.4):

@@ -4,9 +4,9 @@ Self-Distillation Fine-Tuning (SDFT): learn new skills from demonstrations, on-p
 From a base checkpoint, learn new skills one after another, evaluating every skill after
 each stage:
 
-    python train_sdft.py --init runs/base/ckpt.pt --skills rotl,swap,odds --out runs/sdft
-    torchrun --nproc_per_node 2 train_sdft.py --init runs/base/ckpt.pt --out runs/sdft   # 2 processes
-    python train_sdft.py --init runs/base/ckpt.pt --out runs/sdft --resume               # continue OUT/ckpt.pt
+    python train_sdft.py --skills rotl,swap,odds --out runs/sdft             # from the shipped base (--init)
+    torchrun --nproc_per_node 2 train_sdft.py --out runs/sdft                 # 2 processes
+    python train_sdft.py --out runs/sdft --resume                             # continue OUT/ckpt.pt
 
 Each step: the student samples one answer per query (temperature 1); the teacher, an
 EMA of the student shown a demonstration for the same query, scores that answer; the

@@ -7,12 +7,12 @@ Supervised fine-tuning (SFT): next-token training on demonstrations, used two wa
    which gives it the prior skills, the ability to read a demonstration in context, and a
    weak start on the new skills:
 
-       python train_sft.py --pretrain --out runs/base          # ~6 min on 2 CPU cores
+       OMP_NUM_THREADS=1 python train_sft.py --pretrain --out runs/base   # ~8 min: the recipe of the shipped base, results/base/ckpt.pt
 
 2. The SFT baseline: from a base checkpoint, learn new skills one after another from
    their demonstrations, evaluating every skill after each stage:
 
-       python train_sft.py --init runs/base/ckpt.pt --skills rotl,swap,odds --out runs/sft
+       python train_sft.py --skills rotl,swap,odds --out runs/sft     # from the shipped base (--init)
 
 Several processes: `torchrun --nproc_per_node 2 train_sft.py ...`; continue an interrupted
 run: the same command with --resume (README: "Several processes, and resuming").
