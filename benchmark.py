@@ -1,7 +1,7 @@
 """
 The sequential-skill benchmark: the paper's claims in miniature, in one command.
 
-    python benchmark.py                                  # the shipped base, SFT and SDFT at their tuned rates: ~4 min on 2 CPU cores
+    python benchmark.py                                  # the shipped base, SFT and SDFT at their tuned rates: ~1 min on 2 CPU cores
     python benchmark.py --seeds 0,1,2 --orders all       # every order of the new skills, 3 seeds each
     python benchmark.py --lr-sft 3e-5,1e-4,3e-4 --lr-sdft 3e-6,1e-5,3e-5 --seeds 0,1,2   # a learning-rate sweep
     python benchmark.py --pretrain --base runs/mybase/ckpt.pt   # pretrain a new base model first (~10 min)
