@@ -4,7 +4,7 @@ The sequential-skill benchmark: the paper's claims in miniature, in one command.
     python benchmark.py                                  # the shipped base, SFT and SDFT at their tuned rates: ~1 min on 2 CPU cores
     python benchmark.py --seeds 0,1,2 --orders all       # every order of the new skills, 3 seeds each
     python benchmark.py --lr-sft 3e-5,1e-4,3e-4 --lr-sdft 3e-6,1e-5,3e-5 --seeds 0,1,2   # a learning-rate sweep
-    python benchmark.py --pretrain --base runs/mybase/ckpt.pt   # pretrain a new base model first (~10 min)
+    python benchmark.py --pretrain --base runs/mybase/ckpt.pt   # pretrain a new base model first (~8 min)
     python benchmark.py --quick                          # a tiny run, for smoke tests and demos (~15 s)
 
 1. The base model: --base (default results/base/ckpt.pt, the one shipped with the repository
@@ -62,7 +62,7 @@ parser.add_argument("--pretrain", action="store_true", help="pretrain the base f
                     "(a base made with the same settings for the same world is reused; any other is never replaced)")
 parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds (the base is pretrained once, seed 0)")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
-parser.add_argument("--skills", default=",".join(list(NEW_SKILLS)[:3]), help="new skills to learn in this order, comma-separated")
+parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--orders", default="given", choices=["given", "all"], help="the order of --skills only, or every order of them")
 parser.add_argument("--lr-sft", default=str(LR["sft"]), help="peak learning rate of SFT; a comma-separated list gives a sweep")
 parser.add_argument("--lr-sdft", default=str(LR["sdft"]), help="peak learning rate of SDFT; a comma-separated list gives a sweep")
