@@ -93,8 +93,8 @@ try:
     lrs = {"sft": numbers(args.lr_sft, "--lr-sft", float), "sdft": numbers(args.lr_sdft, "--lr-sdft", float)}
     if args.steps <= 0 or args.eval_n <= 0 or args.jobs <= 0:
         raise ValueError("--steps, --eval-n and --jobs must be positive")
-    if not 0 <= args.p_new <= 1:
-        raise ValueError(f"--p-new must be in [0, 1], got {args.p_new}")
+    if not 0 <= args.p_new * len(NEW_SKILLS) <= 1:  # a share per new skill, as in train_sft.py
+        raise ValueError(f"--p-new must be in [0, 1/{len(NEW_SKILLS)}] (one share per new skill), got {args.p_new}")
     skills = parse_skills(args.skills)
     if not set(skills) <= set(NEW_SKILLS) or len(set(skills)) < len(skills):
         raise ValueError(f"--skills must name distinct new skills ({', '.join(NEW_SKILLS)}), got '{args.skills}'")
@@ -160,13 +160,14 @@ try:
     _, ckpt = load_checkpoint(base_ckpt)
 except ValueError:
     ckpt = None
-if ckpt is not None and check_base(ckpt):  # never replaced, even with --pretrain
-    sys.exit(f"error: {base_ckpt} is not a base for this benchmark: {check_base(ckpt)}; "
+why_not = check_base(ckpt) if ckpt is not None else None
+if why_not:  # never replaced, even with --pretrain
+    sys.exit(f"error: {base_ckpt} is not a base for this benchmark: {why_not}; "
              f"make one with --pretrain and another --base")
 if ckpt is None and os.path.exists(base_ckpt):
     sys.exit(f"error: {base_ckpt} is not a readable checkpoint; move it away, or choose another --base")
 if ckpt is None and not (args.pretrain or args.quick):
-    sys.exit(f"error: no base model at {base_ckpt}; pass --pretrain to make one (~10 min on 2 CPU cores)")
+    sys.exit(f"error: no base model at {base_ckpt}; pass --pretrain to make one (~8 min on 2 CPU cores)")
 if ckpt is None:
     print(f"base model: pretraining into {base_ckpt} ({PRETRAIN['steps']} steps)", flush=True)
     last_shown = [0.0]
