@@ -111,6 +111,19 @@ def sampled_token_loss(student_logits, teacher_logits, completion):
     return (log_s - log_t).detach() * log_s  # detached: the advantage-like weight is not differentiated
 
 
+def sampled_cross_entropy(student_logits, completion):
+    """SFT on given tokens, (B, C, V) -> (B, C): -log S(y) at each completion token y. Used on
+    the teacher's own samples, it is the paper's "SFT on teacher samples" ablation (§4.6):
+    the student imitates what the teacher wrote, instead of matching what it would say."""
+    return -F.log_softmax(student_logits.float(), dim=-1).gather(-1, completion[..., None]).squeeze(-1)
+
+
+def dft_loss(token_loss):
+    """DFT (Wu et al. 2025), a baseline: each token's SFT loss -log p(y) weighted by p(y) itself,
+    detached, so the weight scales the gradient but is not trained: p(y) * -log p(y)."""
+    return torch.exp(-token_loss.detach()) * token_loss
+
+
 def loss_mask(completion_mask, skip=3):
     """Which completion tokens count: not padding, nothing after the first end-of-text, and
     not the first `skip` tokens (the authors' setting, 3: it keeps the student from learning

@@ -37,7 +37,8 @@ from data import (LETTERS, MAX_LEN, NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer,
                   parse_skills, skill_examples, teacher_prompt)
 from eval import evaluate, kl_from_base
 from model import autocast, check_resume, get_device, load_checkpoint, save_checkpoint
-from sdft import ema_update, loss_mask, make_teacher, masked_mean, per_token_divergence, rollout, score
+from sdft import (ema_update, loss_mask, make_teacher, masked_mean, per_token_divergence, rollout,
+                  sampled_cross_entropy, score)
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -56,6 +57,14 @@ parser.add_argument("--demo-style", default="expert", choices=["expert", "own"],
 # SDFT
 parser.add_argument("--alpha", type=float, default=0.0, help="divergence: 0 forward KL(teacher||student), 1 reverse KL, between: generalized JSD")
 parser.add_argument("--teacher", default="ema", choices=["ema", "base", "live"], help="teacher weights: EMA of the student, frozen base, or the student itself")
+parser.add_argument("--teacher-ckpt", default=None, help="with --teacher base: the frozen teacher's weights from this checkpoint "
+                    "instead of --init (SFT + re-invoke: the base teaches the fine-tuned model)")
+parser.add_argument("--teacher-sees", default="demo", choices=["demo", "query"], help="the teacher's prompt: the query with a "
+                    "demonstration (SDFT), or the query alone, as the student sees it (re-invoke; with --teacher base)")
+parser.add_argument("--rollout", default="student", choices=["student", "teacher"], help="who samples the answers: the "
+                    "student (on-policy, SDFT) or the teacher from its prompt (offline: the paper's ablations)")
+parser.add_argument("--loss", default="kl", choices=["kl", "ce"], help="kl: the divergence of --alpha to the teacher over the "
+                    "full vocabulary; ce: cross-entropy on the sampled tokens (with --rollout teacher: SFT on the teacher's samples)")
 parser.add_argument("--ema-rate", type=float, default=0.01, help="EMA teacher update: teacher <- (1-rate) teacher + rate student")
 parser.add_argument("--skip", type=int, default=0, help="leave the first SKIP completion tokens out of the loss "
                     "(the paper: 3, against teacher-only openings; a toy answer is 3-6 tokens and has none)")
@@ -107,6 +116,14 @@ try:
         raise ValueError(f"--ema-rate must be in (0, 1], got {args.ema_rate}")
     if args.skip < 0:
         raise ValueError(f"--skip must be non-negative, got {args.skip}")
+    # flag combinations without a meaning
+    if args.loss == "ce" and args.rollout == "student":
+        raise ValueError("--loss ce with --rollout student has no teacher in it: the student would imitate its own samples")
+    if args.loss == "ce" and args.alpha != 0:
+        raise ValueError("--alpha chooses the divergence of --loss kl; --loss ce has none")
+    if (args.teacher_ckpt or args.teacher_sees == "query") and args.teacher != "base":
+        raise ValueError("--teacher-ckpt and --teacher-sees query need --teacher base (a teacher that sees the query "
+                         "alone teaches nothing unless its weights are another model's)")
     skills = parse_skills(args.skills)
     device = get_device(args.device)
     os.makedirs(args.out, exist_ok=True)
@@ -140,6 +157,7 @@ metrics = []  # the records already in OUT/metrics.jsonl that this run keeps
 
 try:
     model, _ = load_checkpoint(args.init, device)
+    teacher_model = load_checkpoint(args.teacher_ckpt, device)[0] if args.teacher_ckpt else model
     query = LETTERS[:MAX_LEN]  # a longest query: the teacher scores [teacher prompt | rollout]
     longest = max(len(tok.encode(teacher_prompt(s, query, demonstration(SKILLS[s](query), args.demo_style))))
                   for s in skills)
@@ -153,7 +171,7 @@ try:
             metrics = f.readlines()[:resume["metrics_lines"]]  # the records up to the checkpoint
 except (ValueError, OSError) as e:
     fail(e)
-teacher = make_teacher(model, args.teacher)  # one teacher across all stages
+teacher = make_teacher(teacher_model, args.teacher)  # one teacher across all stages
 base = copy.deepcopy(model).eval()  # the starting model, frozen: how far does each stage move from it?
 stages = skills
 all_skills = list(PRIOR_SKILLS) + list(NEW_SKILLS)
@@ -203,6 +221,8 @@ def eta(seconds, steps_done, steps_left):
 
 def get_batch(skill, data_rng):
     students, _, teachers = skill_examples(data_rng, skill, micro_batch_size, args.demo_style)
+    if args.teacher_sees == "query":
+        teachers = students  # re-invoke: the teacher is asked exactly as the student is
     return [t.to(device) for t in (*encode_prompts(tok, students), *encode_prompts(tok, teachers))]
 
 
@@ -255,15 +275,18 @@ for stage, skill in enumerate(stages):
             if ddp:  # set before the forward: DDP averages the gradients once, after the last micro-batch
                 ddp_model.require_backward_grad_sync = k == args.grad_accum - 1
             student_ids, student_mask, teacher_ids, teacher_mask = get_batch(skill, data_rng)
+            sampler = (model, student_ids, student_mask) if args.rollout == "student" else (teacher, teacher_ids, teacher_mask)
             with autocast(device):
-                completion, completion_mask = rollout(model, student_ids, student_mask, args.max_new_tokens,
-                                                      tok.eot_id, generator)  # (B, C) each
+                completion, completion_mask = rollout(*sampler, args.max_new_tokens, tok.eot_id, generator)  # (B, C) each
             gen_ms += (time.time() - t_micro) * 1000
             # loss: the teacher, shown the demonstration, scores the student's tokens
             with autocast(device):
                 student_logits, teacher_logits = score(ddp_model, teacher, student_ids, student_mask, teacher_ids,
                                                        teacher_mask, completion, completion_mask)  # (B, C, V) each
-            per_token = per_token_divergence(student_logits, teacher_logits, args.alpha)  # (B, C)
+            if args.loss == "kl":
+                per_token = per_token_divergence(student_logits, teacher_logits, args.alpha)  # (B, C)
+            else:  # the teacher's logits are not used: only its sampled tokens are
+                per_token = sampled_cross_entropy(student_logits, completion)  # (B, C)
             mask = loss_mask(completion_mask, args.skip)  # padding, after end-of-text, first tokens: out
             loss = masked_mean(per_token, mask)  # mean over this micro-batch's valid tokens
             # Divided by the micro-batches here and by the processes in DDP: the step's loss is the

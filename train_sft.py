@@ -44,6 +44,7 @@ from data import (NEW_SKILLS, PRIOR_SKILLS, Tokenizer, parse_skills, pretrain_ex
                   sft_batch, skill_examples)
 from eval import evaluate, kl_from_base
 from model import GPT, GPTConfig, autocast, check_resume, get_device, load_checkpoint, save_checkpoint
+from sdft import dft_loss
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -61,6 +62,8 @@ parser.add_argument("--pretrain", action="store_true", help="train a base model 
 parser.add_argument("--init", default="results/base/ckpt.pt", help="base checkpoint to fine-tune (default: the shipped base; not with --pretrain)")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
+parser.add_argument("--dft", action="store_true", help="the DFT baseline (Wu et al. 2025): weight each token's loss by "
+                    "its probability, detached (not with --pretrain)")
 parser.add_argument("--p-new", type=float, default=0.1, help="pretraining only: share of plain examples that ask each new skill "
                     "(0: the base never meets the new skills)")
 parser.add_argument("--p-right", type=float, default=0.4, help="pretraining only: share of those answered right (the rest: "
@@ -117,6 +120,8 @@ try:
     if args.batch_size % n_shards:
         raise ValueError(f"--batch-size {args.batch_size} does not split into {world_size} processes x "
                          f"{args.grad_accum} micro-batches (--grad-accum)")
+    if args.dft and args.pretrain:
+        raise ValueError("--dft is a fine-tuning baseline, not a way to pretrain")
     skills = [] if args.pretrain else parse_skills(args.skills)
     device = get_device(args.device)
     os.makedirs(args.out, exist_ok=True)
@@ -273,6 +278,8 @@ for stage, skill in enumerate(stages):
             with autocast(device):
                 logits = ddp_model(ids[:, :-1], mask[:, :-1])  # (B, T-1, V): predicts ids[:, 1:]
             token_loss = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+            if args.dft:
+                token_loss = dft_loss(token_loss)  # the DFT baseline: each token weighted by its probability
             weights = loss_mask[:, 1:].float()
             loss = (token_loss * weights).sum() / weights.sum()  # mean over this micro-batch's target tokens
             # Divided by the micro-batches here and by the processes in DDP: the step's loss is the

@@ -131,6 +131,33 @@ def test_sft_smoke(base_ckpt, tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(model.state_dict().values(), base.state_dict().values()))
 
 
+def test_sft_first_step_loss_and_dft(base_ckpt, tmp_path):
+    """The first logged loss of train_sft.py is the token mean of -log p over the demonstration
+    tokens of the first batch, computed here; with --dft each token's term is weighted by its
+    probability p (DFT), which is below 1, so the DFT loss is the smaller."""
+    import random
+
+    import torch.nn.functional as F
+
+    from data import Tokenizer, sft_batch, skill_examples
+    from sdft import dft_loss
+    procs = {dft: start("train_sft.py", "--init", base_ckpt, "--skills", "rotl", "--steps", 1, "--batch-size", 4,
+                        "--eval-n", 2, "--seed", 5, "--device", "cpu", "--out", tmp_path / f"dft{dft}", *(["--dft"] * dft))
+             for dft in (False, True)}
+    model, _ = load_checkpoint(str(base_ckpt))
+    prompts, targets, _ = skill_examples(random.Random(5), "rotl", 4, "expert")
+    ids, mask, loss_mask = sft_batch(Tokenizer(), prompts, targets)
+    with torch.no_grad():
+        nll = F.cross_entropy(model(ids[:, :-1], mask[:, :-1]).transpose(1, 2), ids[:, 1:], reduction="none")
+    weights = loss_mask[:, 1:].float()
+    for dft, proc in procs.items():
+        rc, _, stderr = finish(proc)
+        assert rc == 0, stderr
+        logged = [r["loss"] for r in read_metrics(tmp_path / f"dft{dft}") if "loss" in r][0]
+        expected = ((dft_loss(nll) if dft else nll) * weights).sum() / weights.sum()
+        assert logged == pytest.approx(expected.item(), rel=1e-5), dft
+
+
 def test_step_lines_end_with_time_left(base_ckpt, tmp_path):
     """Both training scripts end every step line with the time left in the stage ('eta 1m05s'
     or 'eta 42s'), which is 0s at the last step of each stage."""
@@ -198,6 +225,7 @@ BAD_INPUTS = [  # (script and flags, text the error line must contain); {base} {
     (["train_sft.py", "--init", "{base}", "--stop-at", "1.5"], "--stop-at"),
     (["train_sft.py", "--init", "{base}", "--steps", "0"], "--steps"),
     (["train_sft.py", "--pretrain", "--steps", "0"], "--steps"),
+    (["train_sft.py", "--pretrain", "--dft"], "--dft"),
 ]
 
 

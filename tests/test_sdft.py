@@ -27,8 +27,8 @@ from data import (NEW_SKILLS, PRIOR_SKILLS, Tokenizer, demonstration, encode_pro
                   eval_queries, skill_examples, student_prompt, teacher_prompt)
 from eval import kl_from_base  # noqa: E402
 from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
-from sdft import (completion_logits, ema_update, loss_mask, make_teacher, masked_mean,  # noqa: E402
-                  per_token_divergence, rollout, sampled_token_loss, score, topk_forward_kl)
+from sdft import (completion_logits, dft_loss, ema_update, loss_mask, make_teacher, masked_mean,  # noqa: E402
+                  per_token_divergence, rollout, sampled_cross_entropy, sampled_token_loss, score, topk_forward_kl)
 
 TOK = Tokenizer()
 EOT = TOK.eot_id
@@ -243,6 +243,45 @@ def test_sampled_token_loss_value_and_detached_weight():
             # d log S(y) / d logits = onehot(y) - S; the weight (log S(y) - log T(y)) is a constant
             expected = (log_s - log_t) * (np.eye(V)[yi] - ps)
             np.testing.assert_allclose(s.grad[b, c].numpy(), expected, atol=1e-6)
+
+
+def test_sampled_cross_entropy_value_and_gradient():
+    """-log S(y) at the given tokens; its gradient is S - onehot(y), the SFT gradient."""
+    torch.manual_seed(5)
+    s = (torch.randn(2, 3, 5) * 2).requires_grad_(True)
+    y = torch.randint(5, (2, 3))
+    loss = sampled_cross_entropy(s, y)
+    loss.sum().backward()
+    for b in range(2):
+        for c in range(3):
+            ps = np_softmax(s[b, c].detach().numpy())
+            assert loss[b, c].item() == pytest.approx(-math.log(ps[y[b, c]]), rel=1e-5)
+            np.testing.assert_allclose(s.grad[b, c].numpy(), ps - np.eye(5)[y[b, c]], atol=1e-6)
+
+
+def test_forward_kl_to_a_sure_teacher_is_cross_entropy():
+    """When the teacher is sure of the sampled token, forward KL and cross-entropy on it have the
+    same gradient: offline distillation on the teacher's samples is then SFT on them."""
+    torch.manual_seed(6)
+    s1 = torch.randn(4, 5, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    y = torch.randint(5, (4,))
+    sure = torch.full((4, 5), -1e4).scatter(1, y[:, None], 0.0)  # all the teacher's mass on y
+    per_token_divergence(s1, sure, 0.0).sum().backward()
+    sampled_cross_entropy(s2[:, None], y[:, None]).sum().backward()
+    torch.testing.assert_close(s1.grad, s2.grad)
+
+
+def test_dft_loss_value_and_detached_weight():
+    """DFT: p(y) * -log p(y), where p(y) is a constant: the gradient is p(y) times SFT's."""
+    logits = torch.tensor([[1.0, 2.0, 0.5]], requires_grad=True)
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor([1]), reduction="none")
+    p = math.exp(-nll.item())
+    loss = dft_loss(nll)
+    assert loss.item() == pytest.approx(p * -math.log(p), rel=1e-6)
+    loss.backward()
+    expected = p * (np_softmax([1.0, 2.0, 0.5]) - np.eye(3)[1])  # d/dlogits of p * nll, p held fixed
+    np.testing.assert_allclose(logits.grad[0].numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
 # -----------------------------------------------------------------------------
@@ -640,7 +679,67 @@ def test_train_sdft_reproducible(sdft_runs):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def first_step_loss(init, variant, seed=3, batch_size=4, teacher_ckpt=None):
+    """The loss of train_sdft.py's first step, computed here from sdft.py's functions: the same
+    queries (data stream seed), rollouts (generator seed) and weights, for a variant of flags."""
+    student, _ = load_checkpoint(str(init))
+    teacher = load_checkpoint(str(teacher_ckpt))[0] if teacher_ckpt else student  # at step 0 ema = base = student
+    students, _, teachers = skill_examples(random.Random(seed), "rotl", batch_size, "expert")
+    if variant.get("--teacher-sees") == "query":
+        teachers = students
+    s_ids, s_mask = encode_prompts(TOK, students)
+    t_ids, t_mask = encode_prompts(TOK, teachers)
+    with torch.no_grad():
+        sampler = (teacher, t_ids, t_mask) if variant.get("--rollout") == "teacher" else (student, s_ids, s_mask)
+        completion, completion_mask = rollout(*sampler, 8, EOT, torch.Generator().manual_seed(seed))
+        student_logits, teacher_logits = score(student, teacher, s_ids, s_mask, t_ids, t_mask, completion, completion_mask)
+    if variant.get("--loss") == "ce":
+        per_token = sampled_cross_entropy(student_logits, completion)
+    else:
+        per_token = per_token_divergence(student_logits, teacher_logits, float(variant.get("--alpha", 0)))
+    return masked_mean(per_token, loss_mask(completion_mask, int(variant.get("--skip", 0)))).item()
+
+
+LOSS_VARIANTS = [  # each flag set must make train_sdft.py compute what first_step_loss computes
+    {},  # SDFT: the student samples, forward KL to the demonstration-conditioned teacher
+    {"--rollout": "teacher", "--teacher": "base"},  # offline distillation: the teacher's samples
+    {"--rollout": "teacher", "--teacher": "base", "--loss": "ce"},  # SFT on the teacher's samples
+    {"--alpha": "0.5", "--skip": "1"},
+    {"--teacher": "base", "--teacher-sees": "query", "--teacher-ckpt": "{other}"},  # re-invoke: no demonstration
+]
+
+
+def test_train_sdft_variants_compute_what_they_say(base_ckpt):
+    """Who samples (--rollout), the loss (--loss), what the teacher sees (--teacher-sees) and
+    whose weights it has (--teacher-ckpt): the first logged loss of each run equals the loss
+    computed independently here. The re-invoke teacher is another model (the shipped base,
+    another size: only the vocabulary must match)."""
+    other = ROOT / "results" / "base" / "ckpt.pt"
+    runs = []
+    for i, variant in enumerate(LOSS_VARIANTS):
+        flags = [str(v).format(other=other) for kv in variant.items() for v in kv]
+        out = base_ckpt.parent.parent / f"variant{i}"
+        runs.append((variant, out, subprocess.Popen(
+            [sys.executable, "train_sdft.py", "--init", str(base_ckpt), "--skills", "rotl", "--steps", "1",
+             "--eval-n", "2", "--batch-size", "4", "--max-new-tokens", "8", "--seed", "3", "--device", "cpu",
+             *flags, "--out", str(out)], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    losses = []
+    for variant, out, proc in runs:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (variant, stderr)
+        logged = [r["loss"] for r in read_metrics(out) if "loss" in r][0]
+        expected = first_step_loss(base_ckpt, variant, teacher_ckpt=other if "--teacher-ckpt" in variant else None)
+        assert logged == pytest.approx(expected, rel=1e-5, abs=1e-6), variant
+        losses.append(logged)
+    assert len(set(losses)) == len(losses)  # and the variants do differ
+
+
 BAD_INPUTS = [  # (flags after --init BASE, text the error line must contain)
+    (["--loss", "ce"], "--rollout student"),  # the student imitating its own samples: no teacher in it
+    (["--loss", "ce", "--rollout", "teacher", "--teacher", "base", "--alpha", "1"], "--alpha"),
+    (["--teacher-sees", "query"], "--teacher base"),
+    (["--teacher-ckpt", "{missing}"], "--teacher base"),
+    (["--teacher", "base", "--teacher-ckpt", "{missing}"], "no checkpoint"),
     (["--alpha", "-0.1"], "--alpha"),
     (["--alpha", "1.5"], "--alpha"),
     (["--ema-rate", "0"], "--ema-rate"),
