@@ -19,7 +19,7 @@ The sequential-skill benchmark: the paper's claims in miniature, in one command.
 3. Write OUT/results.json and OUT/table.md, print the table and whether the accumulation goals
    hold, and draw three plots: OUT/stages.png (the paper's Figure 3 in miniature),
    OUT/pareto.png (prior-skill average against new-skill accuracy) and OUT/forgetting.png
-   (drop in prior-skill accuracy against kl_from_base).
+   (drop in prior-skill accuracy against kl_from_base, after the first stage).
 
 The training runs are the scripts themselves, started as subprocesses: the benchmark only
 orchestrates them and reads their OUT/metrics.jsonl, so there is one implementation of each
@@ -30,9 +30,7 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,12 +41,9 @@ import torch
 
 from data import NEW_SKILLS, PRIOR_SKILLS, Tokenizer, parse_skills, world_signature
 from eval import evaluate
+from jobs import BASE_SETTINGS, LR, check_base, clock, flags, pretrain_base, run_script
 from model import load_checkpoint
 
-# The learning rate of each method, tuned as the paper tuned each method: the rate of the
-# sweep in results/lr with the best mean accuracy over the new skills after the last stage
-# (the default order, 3 seeds; results/README.md). One recipe for every order and skill.
-LR = {"sft": 1e-4, "sdft": 1e-5}
 
 # -----------------------------------------------------------------------------
 # arguments
@@ -107,7 +102,7 @@ except OSError as e:
     sys.exit(f"error: cannot write to --out {args.out} ({e.strerror})")
 
 # pretraining settings: a base is used only when they, and the world, match
-PRETRAIN = {"steps": 5000, "n_layer": 4, "n_head": 4, "n_embd": 128, "seed": 0, "p_new": args.p_new, "p_right": 0.4}
+PRETRAIN = BASE_SETTINGS | {"p_new": args.p_new}
 FINETUNE = {"steps": args.steps, "eval_n": args.eval_n}
 if args.quick:
     PRETRAIN |= {"steps": 200, "n_layer": 1, "n_head": 2, "n_embd": 32}
@@ -119,48 +114,15 @@ tok = Tokenizer()
 t_start = time.time()
 
 
-def flags(settings):
-    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
-
-
-def run_script(script, *script_args, on_line=None):
-    """Run a training script to the end, passing each line it prints to on_line. Exits with
-    the script's own error line if it fails. One thread per script: a CPU run repeats exactly
-    only at the same thread count, so the results do not depend on --jobs or the machine's cores."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, script, *script_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
-    for line in proc.stdout:
-        on_line(line.strip())
-    stderr = proc.stderr.read()
-    if proc.wait() != 0:
-        sys.exit(stderr.strip().splitlines()[-1] if stderr.strip() else f"error: {script} failed")
-
-
-def clock(seconds):
-    seconds = round(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 # -----------------------------------------------------------------------------
 # 1. the base model
-
-def check_base(ckpt):
-    """Why this checkpoint is not a base for this benchmark, or None if it is one."""
-    if not ckpt["args"].get("pretrain") or not ckpt.get("stage_done"):
-        return "it is not a finished pretraining run"
-    if ckpt.get("world") != world_signature():
-        return "it was pretrained for another toy world (data.py's skills, rivals or formats have changed since)"
-    other = {k: ckpt["args"].get(k) for k, v in PRETRAIN.items() if ckpt["args"].get(k) != v}
-    return f"it was pretrained with other settings ({other})" if other else None
-
 
 base_ckpt = args.base
 try:
     _, ckpt = load_checkpoint(base_ckpt)
 except ValueError:
     ckpt = None
-why_not = check_base(ckpt) if ckpt is not None else None
+why_not = check_base(ckpt, PRETRAIN) if ckpt is not None else None
 if why_not:  # never replaced, even with --pretrain
     sys.exit(f"error: {base_ckpt} is not a base for this benchmark: {why_not}; "
              f"make one with --pretrain and another --base")
@@ -177,15 +139,7 @@ if ckpt is None:
             print(f"  {line} | {clock(time.time() - t_start)} elapsed", flush=True)
             last_shown[0] = time.time()
 
-    os.makedirs(os.path.dirname(os.path.abspath(base_ckpt)), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(base_ckpt))) as tmp:
-        run_script("train_sft.py", "--pretrain", *flags(PRETRAIN), "--out", tmp, on_line=show_pretraining)
-        _, full = load_checkpoint(os.path.join(tmp, "ckpt.pt"))
-    # The base keeps its weights, its settings and its world, not the optimizer or RNG states: a few MB.
-    ckpt = {k: full[k] for k in ("model", "model_config", "args", "step", "stage", "skills", "stage_done")}
-    ckpt["world"] = world_signature()
-    torch.save(ckpt, base_ckpt + ".tmp")
-    os.replace(base_ckpt + ".tmp", base_ckpt)  # never a half-written base
+    pretrain_base(base_ckpt, PRETRAIN, on_line=show_pretraining)  # weights, settings and world only: a few MB
 else:
     print(f"base model: reusing {base_ckpt}, made with these settings for this world", flush=True)
 base_model, _ = load_checkpoint(base_ckpt, device)
@@ -335,14 +289,16 @@ ax.set_ylim(-0.05, 1.05)
 fig.tight_layout()
 fig.savefig(os.path.join(args.out, "pareto.png"), dpi=120)
 
-# (3) the forgetting law in miniature: drop in prior accuracy against KL from the base, every stage
+# (3) the forgetting law in miniature, after the first stage, where both axes are measured from
+# the base after learning one skill: the prior-skill drop against how far the model moved on that
+# skill (later stages would pair a cumulative drop with one skill's KL; studies.py law has the fit)
 fig, ax = plt.subplots(figsize=(5, 4))
 for method in ("sft", "sdft"):
-    points = [(s["kl_from_base"], prior_avg(base["accuracy"]) - prior_avg(s["accuracy"]))
-              for r in runs if r["method"] == method for s in r["stages"]]
+    points = [(r["stages"][0]["kl_from_base"], prior_avg(base["accuracy"]) - prior_avg(r["stages"][0]["accuracy"]))
+              for r in runs if r["method"] == method]
     ax.scatter(*zip(*points), color=COLORS[method], label=method.upper(), alpha=0.7)
-ax.set_xlabel("kl_from_base on the stage's skill (nats per token)")
-ax.set_ylabel("drop in prior-skill average")
+ax.set_xlabel("KL(model || base) on the first skill's answers (nats/token)")
+ax.set_ylabel("drop in prior-skill average, after stage 1")
 ax.legend()
 fig.tight_layout()
 fig.savefig(os.path.join(args.out, "forgetting.png"), dpi=120)

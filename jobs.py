@@ -1,0 +1,74 @@
+"""
+Running the training scripts for benchmark.py and studies.py: every run is the script itself,
+started as a subprocess with one thread, so there is one implementation of each method and a
+CPU run repeats exactly whether runs go side by side or not.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from data import world_signature
+from model import load_checkpoint
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# The learning rate of each method, tuned as the paper tuned each method: the rate of the
+# sweep in results/lr with the best mean accuracy over the new skills after the last stage
+# (the default order, 3 seeds; results/README.md). One recipe for every order and skill.
+LR = {"sft": 1e-4, "sdft": 1e-5}
+# How the shipped base (results/base/ckpt.pt) was pretrained: train_sft.py --pretrain with these.
+BASE_SETTINGS = {"steps": 5000, "n_layer": 4, "n_head": 4, "n_embd": 128, "seed": 0, "p_new": 0.1, "p_right": 0.4}
+
+
+def flags(settings):
+    """{'eval_n': 8, 'dft': True} -> ['--eval-n=8', '--dft']: a True value is a switch."""
+    return [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in settings.items()]
+
+
+def clock(seconds):
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def run_script(script, *script_args, on_line=None):
+    """Run a training script to the end, passing each line it prints to on_line. Exits with
+    the script's own error line if it fails. One thread per script: a CPU run repeats exactly
+    only at the same thread count, so the results do not depend on how many run side by side."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, script, *script_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=env)
+    for line in proc.stdout:
+        if on_line:
+            on_line(line.strip())
+    stderr = proc.stderr.read()
+    if proc.wait() != 0:
+        sys.exit(stderr.strip().splitlines()[-1] if stderr.strip() else f"error: {script} failed")
+
+
+def pretrain_base(path, settings, on_line=None):
+    """Pretrain a base with train_sft.py --pretrain and the settings, and write it to path with
+    its weights, its settings and its toy world (data.world_signature()), not the optimizer or
+    RNG states: a few MB. Written to a temporary file and renamed: never a half-written base."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
+        run_script("train_sft.py", "--pretrain", *flags(settings), "--out", tmp, on_line=on_line)
+        _, full = load_checkpoint(os.path.join(tmp, "ckpt.pt"))
+    ckpt = {k: full[k] for k in ("model", "model_config", "args", "step", "stage", "skills", "stage_done")}
+    ckpt["world"] = world_signature()
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def check_base(ckpt, settings):
+    """Why this checkpoint is not a base made with these pretraining settings for this toy world,
+    or None if it is one."""
+    if not ckpt["args"].get("pretrain") or not ckpt.get("stage_done"):
+        return "it is not a finished pretraining run"
+    if ckpt.get("world") != world_signature():
+        return "it was pretrained for another toy world (data.py's skills, rivals or formats have changed since)"
+    other = {k: ckpt["args"].get(k) for k, v in settings.items() if ckpt["args"].get(k) != v}
+    return f"it was pretrained with other settings ({other})" if other else None

@@ -1,0 +1,473 @@
+"""
+Why it works: the paper's ablations and baselines, in miniature, one command per study.
+
+    python studies.py onpolicy      # on-policy or the teacher? SDFT, offline distillation, SFT on teacher samples, SFT (§4.6, Fig. 6)
+    python studies.py teacher       # the teacher's weights: EMA, frozen base or the live student, learning curves (App. A.3, Fig. 8)
+    python studies.py divergence    # forward KL, reverse KL, JSD 0.5; skipping 0, 1 or 3 first tokens
+    python studies.py baselines     # SFT, DFT, SFT + re-invoke, SDFT (Table 5)
+    python studies.py size          # model size: the teacher's in-context accuracy and the SDFT - SFT gap (Fig. 5 left)
+    python studies.py passk         # pass@1..16 of the base, SFT and SDFT (Fig. 5 right)
+    python studies.py law           # the forgetting law: the prior-skill drop against kl_from_base (RL's Razor)
+    python studies.py inside        # inside one SDFT step, token by token (also: eval.py --inspect SKILL)
+    python studies.py all           # every study, ~50 min on 2 CPU cores; --quick: a tiny check of the pipeline
+
+As the paper's ablations each learn one task, every run here learns one new skill from the
+shipped base (results/base/ckpt.pt), for each new skill and seed (3 x 3 runs per variant),
+with the budget and stopping rule of the benchmark, and is evaluated on every skill at the end.
+Each method runs at its tuned rate (jobs.LR: SFT's for the cross-entropy losses, SDFT's for the
+divergences) unless the variant says otherwise. Each study writes OUT/STUDY/results.json (one
+record per run: study, variant, seed, skill, new_accuracy, prior_average, and what the study
+measures), OUT/STUDY/table.md and OUT/STUDY/STUDY.png. The runs themselves go to OUT/runs and
+are reused by every study that needs the same run (same command, finished).
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from data import NEW_SKILLS, PRIOR_SKILLS, Tokenizer, eval_queries, parse_skills
+from eval import evaluate, inspect_step, pass_at_k, plot_inspect
+from jobs import BASE_SETTINGS, LR, check_base, clock, flags, pretrain_base, run_script
+from model import load_checkpoint
+
+STUDIES = ["onpolicy", "teacher", "divergence", "baselines", "size", "passk", "law", "inside"]
+SDFT, SFT = ("train_sdft.py", {"lr": LR["sdft"]}), ("train_sft.py", {"lr": LR["sft"]})
+OFFLINE = {"rollout": "teacher", "teacher": "base"}  # the frozen base, shown the demonstration, writes the answers
+VARIANTS = {  # name: (script, flags, label)
+    "sdft": (*SDFT, "SDFT"),
+    "sft": (*SFT, "SFT"),
+    "offline-kl": (SDFT[0], SDFT[1] | OFFLINE, "offline distillation (forward KL on the teacher's samples)"),
+    "offline-kl-lr1e-4": (SDFT[0], OFFLINE | {"lr": LR["sft"]}, "offline distillation, at SFT's rate"),
+    "offline-ce": (SDFT[0], SFT[1] | OFFLINE | {"loss": "ce"}, "SFT on the teacher's samples"),
+    "offline-ce-lr1e-5": (SDFT[0], OFFLINE | {"loss": "ce", "lr": LR["sdft"]}, "SFT on the teacher's samples, at SDFT's rate"),
+    "teacher-ema": (SDFT[0], SDFT[1] | {"stop_at": 1}, "EMA teacher (no early stop)"),
+    "teacher-base": (SDFT[0], SDFT[1] | {"stop_at": 1, "teacher": "base"}, "frozen base teacher (no early stop)"),
+    "teacher-live": (SDFT[0], SDFT[1] | {"stop_at": 1, "teacher": "live"}, "live student as teacher (no early stop)"),
+    "reverse-kl": (SDFT[0], SDFT[1] | {"alpha": 1}, "reverse KL"),
+    "jsd": (SDFT[0], SDFT[1] | {"alpha": 0.5}, "JSD 0.5"),
+    "skip1": (SDFT[0], SDFT[1] | {"skip": 1}, "skip the first token"),
+    "skip3": (SDFT[0], SDFT[1] | {"skip": 3}, "skip the first 3 tokens"),
+    "dft": (SFT[0], SFT[1] | {"dft": True}, "DFT"),
+    "sft+reinvoke": (None, None, "SFT + re-invoke (two stages; sees prior-skill prompts)"),
+}
+PAPER = {  # the paper's number for each variant, where it gives one (PAPER.md)
+    "onpolicy": {"sdft": "~70", "offline-kl": "~64", "offline-ce": "~62", "sft": "below both"},
+    "teacher": {"teacher-ema": "~70", "teacher-base": "~66, stable", "teacher-live": "peaks ~52, collapses"},
+    "divergence": {"sdft": "forward KL: the paper's results", "reverse-kl": "worse than forward (v2)", "skip3": "the code's setting"},
+    "baselines": {"sft": "66.2 / 53.4", "dft": "54.8 / 60.2", "sft+reinvoke": "66.0 / 60.2", "sdft": "70.2 / 64.5"},
+}
+STUDY_VARIANTS = {
+    "onpolicy": ["sdft", "offline-kl", "offline-kl-lr1e-4", "offline-ce", "offline-ce-lr1e-5", "sft"],
+    "teacher": ["teacher-ema", "teacher-base", "teacher-live"],
+    "divergence": ["sdft", "reverse-kl", "jsd", "skip1", "skip3"],
+    "baselines": ["sft", "dft", "sft+reinvoke", "sdft"],
+}
+REINVOKE_STEPS = 40  # re-invoke: steps per prior skill, distilled from the base in turn (7 skills: 280 steps)
+SIZES = [(2, 2, 32), (4, 4, 64), (4, 4, 128)]  # (n_layer, n_head, n_embd); the last is the shipped base
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("study", choices=STUDIES + ["all"], help="which study")
+parser.add_argument("--out", default=None, help="directory for each study's results (default: results/studies, "
+                    "or runs/studies-quick with --quick)")
+parser.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds")
+parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills, each learned alone from the base")
+parser.add_argument("--jobs", type=int, default=2, help="training runs side by side (one thread each)")
+parser.add_argument("--quick", action="store_true", help="tiny models and budgets: checks the pipeline, shows nothing")
+args = parser.parse_args()
+args.out = args.out or ("runs/studies-quick" if args.quick else "results/studies")
+try:
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    skills = parse_skills(args.skills)
+    if not set(skills) <= set(NEW_SKILLS) or len(set(skills)) < len(skills):
+        raise ValueError(f"--skills must name distinct new skills ({', '.join(NEW_SKILLS)}), got '{args.skills}'")
+    if not seeds or args.jobs <= 0:
+        raise ValueError("--seeds must list at least one seed and --jobs be positive")
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+except ValueError as e:
+    sys.exit(f"error: {e}" if "invalid literal" not in str(e) else f"error: --seeds must be comma-separated integers, got '{args.seeds}'")
+except OSError as e:
+    sys.exit(f"error: cannot write to --out {args.out} ({e.strerror})")
+
+FINETUNE = {"steps": 300, "eval_n": 100}
+base_settings = BASE_SETTINGS
+if args.quick:
+    FINETUNE, REINVOKE_STEPS = {"steps": 4, "eval_n": 4, "eval_every": 2}, 2
+    base_settings = BASE_SETTINGS | {"steps": 100, "n_layer": 1, "n_head": 2, "n_embd": 32}
+    SIZES = [(1, 2, 16), (1, 2, 32)]
+prior = list(PRIOR_SKILLS)
+device = torch.device("cpu")
+tok = Tokenizer()
+t_start = time.time()
+lock = threading.Lock()
+
+
+def size_name(n_layer, n_embd):
+    return f"{n_layer}x{n_embd}"
+
+
+def base_path(size=None):
+    """The base of a size (n_layer, n_head, n_embd); None: the benchmark's base."""
+    size = size or (base_settings["n_layer"], base_settings["n_head"], base_settings["n_embd"])
+    if not args.quick and size == SIZES[-1]:
+        return "results/base/ckpt.pt"
+    return os.path.join(args.out, "size" if not args.quick else "bases", f"base-{size_name(size[0], size[2])}.pt")
+
+
+checked = set()  # the bases checked (or made) so far
+
+
+def get_base(size=None):
+    """The base model's path, pretrained first (with the benchmark's settings at that size) if it
+    is not there yet; a checkpoint made otherwise is refused, never replaced."""
+    path = base_path(size)
+    settings = base_settings | ({"n_layer": size[0], "n_head": size[1], "n_embd": size[2]} if size else {})
+    with lock:
+        if path in checked:
+            return path
+        checked.add(path)
+        if os.path.exists(path):
+            why_not = check_base(load_checkpoint(path)[1], settings)
+            if why_not:
+                sys.exit(f"error: {path} is not a base for these studies: {why_not}")
+        else:
+            print(f"pretraining {path} ({settings['steps']} steps)", flush=True)
+            pretrain_base(path, settings)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# runs: one new skill learned from a base; the run directory is reused when it holds the same finished command
+
+def run(variant, skill, seed, base=None):
+    """Train one variant on one skill from the base; returns the stage record of its metrics.jsonl
+    (accuracy on every skill, steps, kl_from_base) and the validation curve."""
+    base = base or get_base()
+    tag = "" if base == get_base() else "-" + os.path.basename(base)[5:-3]  # another size
+    name = f"{variant}-{skill}-seed{seed}{tag}"
+    out = os.path.join(args.out, "runs", name)
+    if variant == "sft+reinvoke":  # SFT on the skill, then on-policy distillation from the base on the prior skills
+        sft = run("sft", skill, seed, base)
+        command = ["train_sdft.py", "--init", os.path.join(sft["out"], "ckpt.pt"), "--teacher", "base",
+                   "--teacher-ckpt", base, "--teacher-sees", "query", "--skills", ",".join(prior), "--seed", str(seed),
+                   "--lr", str(LR["sdft"]), *flags(FINETUNE | {"steps": REINVOKE_STEPS}), "--out", out]
+    else:
+        script, settings, _ = VARIANTS[variant]
+        command = [script, "--init", base, "--skills", skill, "--seed", str(seed), *flags(FINETUNE | settings), "--out", out]
+    done = os.path.join(out, "command.json")
+    if not (os.path.exists(done) and json.load(open(done)) == command):
+        run_script(*command, on_line=lambda line: progress(name, line))
+        with open(done, "w") as f:
+            json.dump(command, f)
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    stages = [r for r in records if "accuracy" in r]
+    result = {"out": out, "accuracy": stages[-1]["accuracy"], "steps": sum(r["steps"] for r in stages),
+              "kl_from_base": stages[0]["kl_from_base"], "curve": [[r["step"], r["val_acc"]] for r in records
+                                                                  if "val_acc" in r and r["stage"] == 0]}
+    if variant == "sft+reinvoke":
+        result["steps"] += sft["steps"]
+        result["kl_from_base"] = sft["kl_from_base"]  # on the skill, after SFT (re-invoke's KLs are on prior skills)
+    with lock:
+        finished[0] += 1
+    return result
+
+
+finished, last_shown = [0], [0.0]
+
+
+def progress(name, line):
+    """A line every ~15 s from the runs in flight, with the runs finished so far."""
+    with lock:
+        if time.time() - last_shown[0] > 15 and " step " in line:
+            print(f"  [{finished[0]} runs done] {name}: {line} | {clock(time.time() - t_start)} elapsed", flush=True)
+            last_shown[0] = time.time()
+
+
+def prior_avg(accuracy):
+    return sum(accuracy[s] for s in prior) / len(prior)
+
+
+def record(study, variant, skill, seed, result, base_acc, **extra):
+    return {"study": study, "variant": variant, "seed": seed, "skill": skill,
+            "new_accuracy": {skill: result["accuracy"][skill]}, "prior_average": prior_avg(result["accuracy"]),
+            "prior_drop": prior_avg(base_acc) - prior_avg(result["accuracy"]), "kl_from_base": result["kl_from_base"],
+            "steps": result["steps"], "accuracy": result["accuracy"], "curve": result["curve"], **extra}
+
+
+def run_all(study, variants, base=None, **extra):
+    """Every variant on every skill and seed, --jobs at a time; one record per run."""
+    base = base or get_base()
+    base_acc = base_accuracy(base)
+    jobs = [(v, s, seed) for v in variants for s in skills for seed in seeds]
+    print(f"{study}: {len(jobs)} runs ({', '.join(variants)}) from {base}", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        if "sft+reinvoke" in variants:  # its SFT runs first, so that no two threads make the same run
+            list(pool.map(lambda job: run("sft", *job[1:], base), jobs))
+        results = list(pool.map(lambda job: run(*job, base), jobs))
+    return [record(study, v, s, seed, r, base_acc, **extra) for (v, s, seed), r in zip(jobs, results)]
+
+
+_base_acc = {}
+
+
+def base_accuracy(base):
+    if base not in _base_acc:
+        model = load_checkpoint(base, device)[0]
+        _base_acc[base] = evaluate(model, tok, prior + list(NEW_SKILLS), device, n=FINETUNE["eval_n"])
+    return _base_acc[base]
+
+
+# -----------------------------------------------------------------------------
+# tables and plots
+
+def mean_sd(values):
+    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def variant_table(study, records, variants, extra_columns=()):
+    """| variant | each skill | new mean | prior average | kl_from_base | steps | paper |, mean ± sd over seeds."""
+    rows = [f"| variant | {' | '.join(skills)} | new, mean | prior average | kl_from_base | steps |"
+            + "".join(f" {c} |" for c, _ in extra_columns) + " paper |",
+            "|" + "---|" * (len(skills) + 6 + len(extra_columns))]
+    for v in variants:
+        rs = [r for r in records if r["variant"] == v]
+        per_skill = [mean_sd([r["new_accuracy"][s] for r in rs if r["skill"] == s]) for s in skills]
+        rows.append(f"| {VARIANTS[v][2]} | {' | '.join(per_skill)} | {mean_sd([list(r['new_accuracy'].values())[0] for r in rs])} "
+                    f"| {mean_sd([r['prior_average'] for r in rs])} | {mean_sd([r['kl_from_base'] for r in rs])} "
+                    f"| {statistics.mean(r['steps'] for r in rs):.0f} |" + "".join(f" {fn(rs)} |" for _, fn in extra_columns)
+                    + f" {PAPER.get(study, {}).get(v, '')} |")
+    return rows
+
+
+def pareto(ax, records, variants):
+    """Each variant's mean (over skills and seeds) prior average against new-skill accuracy."""
+    for v in variants:
+        rs = [r for r in records if r["variant"] == v]
+        x = statistics.mean(list(r["new_accuracy"].values())[0] for r in rs)
+        y = statistics.mean(r["prior_average"] for r in rs)
+        ax.scatter(x, y)
+        ax.annotate(VARIANTS[v][2], (x, y), fontsize=7)
+    ax.set_xlabel("new-skill accuracy (each skill learned alone; mean over skills and seeds)")
+    ax.set_ylabel("prior-skill average after it")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+
+
+def write(study, records, rows, draw, config=None):
+    out = os.path.join(args.out, study)
+    os.makedirs(out, exist_ok=True)
+    results = {"config": {"skills": skills, "seeds": seeds, "finetune": FINETUNE, "lr": LR, "quick": args.quick,
+                          "base": get_base(), **(config or {})}, "runs": records}
+    with open(os.path.join(out, "results.json.tmp"), "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    import matplotlib  # imported late: only the plots need it
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    fig = draw(plt)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{study}.png"), dpi=120)
+    plt.close("all")
+    print(f"\n{study}\n" + "\n".join(rows) + f"\nwrote {out}/results.json, table.md, {study}.png "
+          f"({clock(time.time() - t_start)} elapsed)\n", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the studies
+
+def variant_study(study):
+    """onpolicy, divergence, baselines: a table next to the paper's numbers and a Pareto plot."""
+    variants = STUDY_VARIANTS[study]
+    records = run_all(study, variants)
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        pareto(ax, records, variants)
+        ax.set_title(f"{study}: {len(skills)} skills x {len(seeds)} seeds per point")
+        return fig
+    write(study, records, variant_table(study, records, variants), draw)
+    return records
+
+
+def teacher_study():
+    """EMA, frozen base or live teacher, run to the whole budget: validation accuracy over steps."""
+    variants = STUDY_VARIANTS["teacher"]
+    records = run_all("teacher", variants)
+    peak = ("peak val", lambda rs: mean_sd([max(a for _, a in r["curve"]) for r in rs]))
+    last = ("last val", lambda rs: mean_sd([r["curve"][-1][1] for r in rs]))
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, len(skills), figsize=(4 * len(skills), 3.5), sharey=True, squeeze=False)
+        for ax, skill in zip(axes[0], skills):
+            for v in variants:
+                curves = [r["curve"] for r in records if r["variant"] == v and r["skill"] == skill]
+                n = min(len(c) for c in curves)  # a run stops early only at a perfect validation score
+                ax.plot([c[0] for c in curves[0][:n]], [statistics.mean(c[i][1] for c in curves) for i in range(n)],
+                        label=VARIANTS[v][2].split(" (")[0])
+            ax.set_title(f"{skill} ({len(seeds)} seeds)")
+            ax.set_xlabel("step")
+        axes[0][0].set_ylabel("validation accuracy")
+        axes[0][-1].legend(fontsize=7)
+        return fig
+    write("teacher", records, variant_table("teacher", records, variants, [peak, last]), draw)
+    return records
+
+
+def size_study():
+    """Per model size: the base's accuracy with a demonstration in context (the teacher's), and
+    SFT and SDFT on each skill; the gap SDFT - SFT on the new skill and on the prior average."""
+    records, rows = [], ["| size (layers x width) | parameters | teacher accuracy (demo in context, new skills) | "
+                         "base, plain | SFT new | SDFT new | gap new | SFT prior | SDFT prior | gap prior |", "|" + "---|" * 10]
+    for size in SIZES:
+        base = get_base(size)
+        model = load_checkpoint(base, device)[0]
+        params = model.num_params()
+        teacher_acc = statistics.mean(evaluate(model, tok, skills, device, n=FINETUNE["eval_n"], demo_style="expert").values())
+        plain = statistics.mean(base_accuracy(base)[s] for s in skills)
+        rs = run_all("size", ["sft", "sdft"], base, size=size_name(size[0], size[2]), parameters=params,
+                     teacher_accuracy=teacher_acc)
+        records += rs
+        new = {m: statistics.mean(list(r["new_accuracy"].values())[0] for r in rs if r["variant"] == m) for m in ("sft", "sdft")}
+        pri = {m: statistics.mean(r["prior_average"] for r in rs if r["variant"] == m) for m in ("sft", "sdft")}
+        rows.append(f"| {size_name(size[0], size[2])} | {params / 1e6:.2f}M | {teacher_acc:.2f} | {plain:.2f} | {new['sft']:.2f} "
+                    f"| {new['sdft']:.2f} | {new['sdft'] - new['sft']:+.2f} | {pri['sft']:.2f} | {pri['sdft']:.2f} "
+                    f"| {pri['sdft'] - pri['sft']:+.2f} |")
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        by_size = sorted({(r["parameters"], r["size"]) for r in records})
+        for what, key in (("gap on the new skill", "new"), ("gap on the prior average", "prior")):
+            gaps = []
+            for params, name in by_size:
+                rs = [r for r in records if r["size"] == name]
+                value = (lambda r: list(r["new_accuracy"].values())[0]) if key == "new" else (lambda r: r["prior_average"])
+                gaps.append(statistics.mean(value(r) for r in rs if r["variant"] == "sdft")
+                            - statistics.mean(value(r) for r in rs if r["variant"] == "sft"))
+            ax.plot([p for p, _ in by_size], gaps, marker="o", label=f"SDFT - SFT, {what}")
+        ax.plot([p for p, _ in by_size], [next(r["teacher_accuracy"] for r in records if r["size"] == n) for _, n in by_size],
+                marker="s", linestyle="--", label="teacher accuracy (demonstration in context)")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.legend(fontsize=7)
+        return fig
+    write("size", records, rows, draw, {"sizes": SIZES})
+    return records
+
+
+def passk_study():
+    """pass@k at temperature 1 on each new skill: the base, and SFT and SDFT after learning it."""
+    ks = (1, 2, 4, 8, 16)
+    base = get_base()
+    base_model = load_checkpoint(base, device)[0]
+    queries = eval_queries("test", FINETUNE["eval_n"])
+    records = []
+    for variant, rs in (("base", None), ("sft", run_all("passk", ["sft"])), ("sdft", run_all("passk", ["sdft"]))):
+        for r in rs or [{"skill": s, "seed": 0, "accuracy": base_accuracy(base)} for s in skills]:
+            model = base_model if rs is None else load_checkpoint(os.path.join(args.out, "runs", f"{variant}-{r['skill']}-seed{r['seed']}", "ckpt.pt"), device)[0]
+            p = pass_at_k(model, tok, r["skill"], queries, device, n_samples=max(ks), ks=ks, seed=r["seed"])
+            records.append({"study": "passk", "variant": variant, "seed": r["seed"], "skill": r["skill"],
+                            "new_accuracy": {r["skill"]: r["accuracy"][r["skill"]]},
+                            "prior_average": prior_avg(r["accuracy"]), "pass_at_k": p})
+    paper = {"base": "0.39 / 0.71 (pass@128)", "sft": "0.53 / 0.86", "sdft": "0.59 / 0.89"}
+    rows = ["| model | " + " | ".join(f"pass@{k}" for k in ks) + " | paper pass@1 / pass@128 |", "|" + "---|" * (len(ks) + 2)]
+    for v in ("base", "sft", "sdft"):
+        rows.append(f"| {v.upper() if v != 'base' else 'base'} | "
+                    + " | ".join(mean_sd([r["pass_at_k"][k] for r in records if r["variant"] == v]) for k in ks) + f" | {paper[v]} |")
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for v in ("base", "sft", "sdft"):
+            ax.plot(ks, [statistics.mean(r["pass_at_k"][k] for r in records if r["variant"] == v) for k in ks], marker="o",
+                    label=v.upper() if v != "base" else "base")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k (samples at temperature 1)")
+        ax.set_ylabel("pass@k, new skills")
+        ax.legend()
+        return fig
+    write("passk", records, rows, draw, {"ks": ks, "n_samples": max(ks)})
+    return records
+
+
+def law_study():
+    """Does how far a method moved on the new skill (kl_from_base) predict the prior-skill drop?
+    One point per single-skill run of every study's variants (both measured from the base after
+    learning one skill), a least-squares line and its R^2 per method and pooled."""
+    variants = [v for v in VARIANTS if v != "sft+reinvoke"]  # its last KL is measured on a prior skill
+    records = run_all("law", variants)
+
+    def fit(points):
+        xs, ys = zip(*points)
+        mx, my = statistics.mean(xs), statistics.mean(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+        ss_res = sum((y - my - slope * (x - mx)) ** 2 for x, y in points)
+        ss_tot = sum((y - my) ** 2 for y in ys)
+        return slope, my - slope * mx, 1 - ss_res / ss_tot if ss_tot else float("nan")
+
+    groups = {VARIANTS[v][2]: [r for r in records if r["variant"] == v] for v in variants}
+    groups["pooled, every variant"] = records
+    rows = ["| runs | n | slope (drop per nat) | R^2 |", "|---|---|---|---|"]
+    for name, rs in groups.items():
+        slope, _, r2 = fit([(r["kl_from_base"], r["prior_drop"]) for r in rs])
+        rows.append(f"| {name} | {len(rs)} | {slope:.3f} | {r2:.2f} |")
+    pooled = fit([(r["kl_from_base"], r["prior_drop"]) for r in records])
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for v in variants:
+            rs = [r for r in records if r["variant"] == v]
+            ax.scatter([r["kl_from_base"] for r in rs], [r["prior_drop"] for r in rs], s=12, label=VARIANTS[v][2].split(" (")[0])
+        xs = [min(r["kl_from_base"] for r in records), max(r["kl_from_base"] for r in records)]
+        ax.plot(xs, [pooled[1] + pooled[0] * x for x in xs], color="black", label=f"pooled fit, R^2 {pooled[2]:.2f}")
+        ax.set_xlabel("KL(model || base) on the learned skill's answers (nats/token)")
+        ax.set_ylabel("drop in prior-skill average")
+        ax.legend(fontsize=6)
+        return fig
+    write("law", records, rows, draw, {"pooled": {"slope": pooled[0], "intercept": pooled[1], "r2": pooled[2]}})
+    return records
+
+
+def inside_study():
+    """The training signal of SDFT's first step (the EMA teacher equals the student then), on a
+    wrong and a right rollout of each new skill: what eval.py --inspect SKILL prints."""
+    base = get_base()
+    model = load_checkpoint(base, device)[0].eval()
+    records, shown = [], []
+    for skill in skills:
+        rollouts = inspect_step(model, model, tok, skill, eval_queries("test", 16), device, seed=0)
+        picked = [next(r for r in rollouts if r["right"] == right) for right in (False, True) if any(r["right"] == right for r in rollouts)]
+        shown += picked
+        records.append({"study": "inside", "variant": "step 0", "seed": 0, "skill": skill,
+                        "new_accuracy": {skill: base_accuracy(base)[skill]}, "prior_average": prior_avg(base_accuracy(base)),
+                        "rollouts": picked})
+    rows = ["| skill | rollout | right | tokens | mean divergence |", "|---|---|---|---|---|"]
+    for rec in records:
+        for r in rec["rollouts"]:
+            d = [t["divergence"] for t in r["tokens"] if t["in_loss"]]
+            rows.append(f"| {rec['skill']} | `{r['prompt']}{r['sample']}` | {r['right']} | {len(r['tokens'])} | {statistics.mean(d):.3f} |")
+
+    def draw(plt):
+        plot_inspect(shown, os.path.join(args.out, "inside", "inside.png"))
+        return plt.gcf()
+    os.makedirs(os.path.join(args.out, "inside"), exist_ok=True)
+    write("inside", records, rows, draw)
+
+
+for study in (STUDIES if args.study == "all" else [args.study]):
+    if study in ("onpolicy", "divergence", "baselines"):
+        variant_study(study)
+    else:
+        {"teacher": teacher_study, "size": size_study, "passk": passk_study, "law": law_study, "inside": inside_study}[study]()
+print(f"total time {clock(time.time() - t_start)}")

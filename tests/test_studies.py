@@ -1,0 +1,82 @@
+"""
+End-to-end check of studies.py (the paper's ablations and baselines) with a tiny budget:
+every study runs, writes its results.json (one record per run, with the keys the issue names),
+table.md and plot, and a second call reuses the finished runs instead of training again.
+
+    python -m pytest -q tests/test_studies.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ["onpolicy", "teacher", "divergence", "baselines", "size", "passk", "law", "inside"]
+
+
+def studies(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "studies.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("studies")
+    r = studies("all", "--quick", "--seeds", "0", "--skills", "rotl", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_each_study_writes_its_results(quick, study):
+    out, _ = quick
+    results = json.loads((out / study / "results.json").read_text())
+    assert results["runs"], study
+    for r in results["runs"]:
+        for key in ("study", "variant", "seed", "new_accuracy", "prior_average"):
+            assert key in r, (study, key)
+        assert r["study"] == study and list(r["new_accuracy"]) == ["rotl"] and 0 <= r["prior_average"] <= 1
+    assert (out / study / "table.md").read_text().startswith("|")
+    assert (out / study / f"{study}.png").stat().st_size > 0
+
+
+def test_what_each_study_measures(quick):
+    out, _ = quick
+    load = lambda s: json.loads((out / s / "results.json").read_text())["runs"]
+    assert {r["variant"] for r in load("onpolicy")} == {"sdft", "offline-kl", "offline-kl-lr1e-4", "offline-ce",
+                                                         "offline-ce-lr1e-5", "sft"}
+    assert all(r["curve"] and r["curve"][0][0] == 0 for r in load("teacher"))  # validation curves from step 0
+    assert {r["size"] for r in load("size")} == {"1x16", "1x32"}
+    assert all(0 <= r["teacher_accuracy"] <= 1 for r in load("size"))
+    for r in load("passk"):
+        values = [r["pass_at_k"][k] for k in ("1", "2", "4", "8", "16")]
+        assert values == sorted(values)  # never falls with k
+    reinvoke = next(r for r in load("baselines") if r["variant"] == "sft+reinvoke")
+    sft = next(r for r in load("baselines") if r["variant"] == "sft")
+    assert reinvoke["steps"] > sft["steps"]  # SFT's steps, then the re-invoke stage's
+    runs = [r for r in load("law")]
+    assert len(runs) == 14 and all("kl_from_base" in r and "prior_drop" in r for r in runs)
+    assert "R^2" in (out / "law" / "table.md").read_text()
+    inside = load("inside")[0]["rollouts"][0]["tokens"]
+    assert inside and all("divergence" in t and "teacher_top" in t for t in inside)
+
+
+def test_finished_runs_are_reused(quick):
+    out, _ = quick
+    before = {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")}
+    r = studies("divergence", "--quick", "--seeds", "0", "--skills", "rotl", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert before and {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")} == before
+
+
+@pytest.mark.parametrize("flags, needle", [(["--skills", "nope"], "nope"), (["--skills", "copy"], "new skills"),
+                                           (["--seeds", "x"], "--seeds")])
+def test_bad_input_is_one_error_line(flags, needle, tmp_path):
+    r = studies("onpolicy", "--quick", *flags, "--out", tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
