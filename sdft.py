@@ -132,6 +132,17 @@ def loss_mask(completion_mask, skip=3):
     return completion_mask * (positions >= skip)  # (B, C)
 
 
+def agreed_prefix(completion, teacher_logits, completion_mask):
+    """Which completion tokens lie on a prefix the teacher would have written: 1 up to and
+    including the first token that is not the teacher's most likely one, 0 after it, (B, C).
+    After a token the teacher would not write, its targets come from a context it never meets
+    (in the toy: it goes on copying the demonstration position by position; results/studies).
+    Not in the paper: a variant (--agreed-prefix) for the toy's accumulation study."""
+    wrong = (completion != teacher_logits.argmax(-1)).long()
+    wrong_before = wrong.cumsum(dim=1) - wrong  # tokens the teacher would not write, strictly before
+    return completion_mask * (wrong_before == 0)
+
+
 def masked_mean(values, mask):
     """Mean over the valid tokens of the whole batch (a token-level mean, like the usual
     SFT loss: longer completions weigh more). An all-masked batch gives 0, not NaN."""

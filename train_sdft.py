@@ -37,7 +37,7 @@ from data import (LETTERS, MAX_LEN, NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer,
                   parse_skills, skill_examples, teacher_prompt)
 from eval import evaluate, kl_from_base
 from model import autocast, check_resume, get_device, load_checkpoint, save_checkpoint
-from sdft import (ema_update, loss_mask, make_teacher, masked_mean, per_token_divergence, rollout,
+from sdft import (agreed_prefix, ema_update, loss_mask, make_teacher, masked_mean, per_token_divergence, rollout,
                   sampled_cross_entropy, score)
 
 # -----------------------------------------------------------------------------
@@ -68,6 +68,8 @@ parser.add_argument("--loss", default="kl", choices=["kl", "ce"], help="kl: the 
 parser.add_argument("--ema-rate", type=float, default=0.01, help="EMA teacher update: teacher <- (1-rate) teacher + rate student")
 parser.add_argument("--skip", type=int, default=0, help="leave the first SKIP completion tokens out of the loss "
                     "(the paper: 3, against teacher-only openings; a toy answer is 3-6 tokens and has none)")
+parser.add_argument("--agreed-prefix", action="store_true", help="count only the tokens up to and including the first one "
+                    "that is not the teacher's most likely (not in the paper; sdft.agreed_prefix)")
 parser.add_argument("--max-new-tokens", type=int, default=32, help="longest student rollout")
 # optimisation
 parser.add_argument("--steps", type=int, default=300, help="step budget per stage")
@@ -288,6 +290,8 @@ for stage, skill in enumerate(stages):
             else:  # the teacher's logits are not used: only its sampled tokens are
                 per_token = sampled_cross_entropy(student_logits, completion)  # (B, C)
             mask = loss_mask(completion_mask, args.skip)  # padding, after end-of-text, first tokens: out
+            if args.agreed_prefix:
+                mask = mask * agreed_prefix(completion, teacher_logits, completion_mask)
             loss = masked_mean(per_token, mask)  # mean over this micro-batch's valid tokens
             # Divided by the micro-batches here and by the processes in DDP: the step's loss is the
             # mean of the micro-batches' token means (with one of them, the token mean of the batch).

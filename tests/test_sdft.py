@@ -27,7 +27,7 @@ from data import (NEW_SKILLS, PRIOR_SKILLS, Tokenizer, demonstration, encode_pro
                   eval_queries, skill_examples, student_prompt, teacher_prompt)
 from eval import kl_from_base  # noqa: E402
 from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
-from sdft import (completion_logits, dft_loss, ema_update, loss_mask, make_teacher, masked_mean,  # noqa: E402
+from sdft import (agreed_prefix, completion_logits, dft_loss, ema_update, loss_mask, make_teacher, masked_mean,  # noqa: E402
                   per_token_divergence, rollout, sampled_cross_entropy, sampled_token_loss, score, topk_forward_kl)
 
 TOK = Tokenizer()
@@ -485,6 +485,19 @@ def test_masked_positions_change_nothing(alpha):
     assert loss0.item() == pytest.approx(manual, rel=1e-5)
 
 
+def test_agreed_prefix_by_hand():
+    """Tokens up to and including the first one that is not the teacher's top-1; padding stays out."""
+    V = 5
+    teacher_top = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    teacher_logits = torch.nn.functional.one_hot(teacher_top, V).float() * 3.0  # (B, C, V)
+    completion = torch.tensor([[1, 2, 3, 4],   # all agreed
+                               [1, 0, 3, 4],   # the second is not the teacher's: it counts, the rest does not
+                               [0, 2, 3, 4]])  # the first is not
+    completion_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
+    expected = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]])
+    assert torch.equal(agreed_prefix(completion, teacher_logits, completion_mask), expected)
+
+
 def test_masked_mean_of_empty_mask_is_zero():
     values = torch.randn(2, 4, requires_grad=True)
     out = masked_mean(values, torch.zeros(2, 4, dtype=torch.long))
@@ -697,7 +710,10 @@ def first_step_loss(init, variant, seed=3, batch_size=4, teacher_ckpt=None):
         per_token = sampled_cross_entropy(student_logits, completion)
     else:
         per_token = per_token_divergence(student_logits, teacher_logits, float(variant.get("--alpha", 0)))
-    return masked_mean(per_token, loss_mask(completion_mask, int(variant.get("--skip", 0)))).item()
+    mask = loss_mask(completion_mask, int(variant.get("--skip", 0)))
+    if "--agreed-prefix" in variant:
+        mask = mask * agreed_prefix(completion, teacher_logits, completion_mask)
+    return masked_mean(per_token, mask).item()
 
 
 LOSS_VARIANTS = [  # each flag set must make train_sdft.py compute what first_step_loss computes
@@ -706,6 +722,7 @@ LOSS_VARIANTS = [  # each flag set must make train_sdft.py compute what first_st
     {"--rollout": "teacher", "--teacher": "base", "--loss": "ce"},  # SFT on the teacher's samples
     {"--alpha": "0.5", "--skip": "1"},
     {"--teacher": "base", "--teacher-sees": "query", "--teacher-ckpt": "{other}"},  # re-invoke: no demonstration
+    {"--agreed-prefix": None},  # only the tokens up to the first one the teacher would not write
 ]
 
 
@@ -717,7 +734,7 @@ def test_train_sdft_variants_compute_what_they_say(base_ckpt):
     other = ROOT / "results" / "base" / "ckpt.pt"
     runs = []
     for i, variant in enumerate(LOSS_VARIANTS):
-        flags = [str(v).format(other=other) for kv in variant.items() for v in kv]
+        flags = [str(v).format(other=other) for kv in variant.items() for v in kv if v is not None]
         out = base_ckpt.parent.parent / f"variant{i}"
         runs.append((variant, out, subprocess.Popen(
             [sys.executable, "train_sdft.py", "--init", str(base_ckpt), "--skills", "rotl", "--steps", "1",
