@@ -65,6 +65,8 @@ parser.add_argument("--steps", type=int, default=300, help="step budget per skil
 parser.add_argument("--eval-n", type=int, default=100, help="queries per skill for validation and test accuracy")
 parser.add_argument("--p-new", type=float, default=0.1, help="pretraining: how often the base meets each new skill, "
                     "plainly and answered right 40%% of the time (0: never; the control in which both methods forget)")
+parser.add_argument("--agreed-prefix", action="store_true", help="SDFT counts only the tokens up to the first one the "
+                    "teacher would not write (sdft.agreed_prefix; not in the paper: results/NOTES.md)")
 parser.add_argument("--jobs", type=int, default=2, help="training runs side by side; each uses one thread, "
                     "so the results do not depend on this")
 parser.add_argument("--quick", action="store_true", help="a tiny model and budgets: checks the pipeline, shows nothing")
@@ -108,6 +110,8 @@ if args.quick:
     PRETRAIN |= {"steps": 200, "n_layer": 1, "n_head": 2, "n_embd": 32}
     FINETUNE = {"steps": 6, "eval_n": 8, "eval_every": 3}
 prior, new = list(PRIOR_SKILLS), list(NEW_SKILLS)
+sdft_flags = {"sft": [], "sdft": ["--agreed-prefix"] if args.agreed_prefix else []}
+NAMES = {"sft": "SFT", "sdft": "SDFT (agreed prefix)" if args.agreed_prefix else "SDFT"}
 orders = [list(o) for o in itertools.permutations(skills)] if args.orders == "all" else [skills]
 device = torch.device("cpu")  # evaluation of the base here; the scripts pick their own device
 tok = Tokenizer()
@@ -175,10 +179,10 @@ def progress(name, line):
 def run(job):
     """One training run of the benchmark; returns its record for results.json."""
     order, method, lr, seed = job
-    name = f"{method}-{'-'.join(order)}-{args.demo_style}-seed{seed}-lr{lr:g}"
+    name = f"{method}-{'-'.join(order)}-{args.demo_style}-seed{seed}-lr{lr:g}" + ("-agreed" if sdft_flags[method] else "")
     run_dir = os.path.join(args.out, "runs", name)
     run_script(f"train_{method}.py", "--init", base_ckpt, "--skills", ",".join(order), "--seed", str(seed),
-               "--lr", str(lr), "--demo-style", args.demo_style, *flags(FINETUNE), "--out", run_dir,
+               "--lr", str(lr), "--demo-style", args.demo_style, *flags(FINETUNE), *sdft_flags[method], "--out", run_dir,
                on_line=lambda line: progress(name, line))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -195,7 +199,7 @@ with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on the scripts,
 # 3. results, table, goals, plots
 
 config = {"skills": skills, "orders": orders, "prior_skills": prior, "new_skills": new, "seeds": seeds, "lrs": lrs,
-          "demo_style": args.demo_style, "quick": args.quick, "base": base_ckpt, "world": world_signature(),
+          "demo_style": args.demo_style, "agreed_prefix": args.agreed_prefix, "quick": args.quick, "base": base_ckpt, "world": world_signature(),
           "pretrain": PRETRAIN, "finetune": FINETUNE}
 results = {"config": config, "base": base, "runs": runs}
 tmp = os.path.join(args.out, "results.json.tmp")
@@ -226,7 +230,7 @@ for order in orders:
         for lr in lrs[method]:
             for i, skill in enumerate(order):
                 at = [r["stages"][i] for r in group(order, method, lr)]
-                rows.append(f"| {','.join(order)} | {method.upper()} | {lr:g} | {i + 1}: {skill} "
+                rows.append(f"| {','.join(order)} | {NAMES[method]} | {lr:g} | {i + 1}: {skill} "
                             f"| {statistics.mean(s['steps'] for s in at):.0f} | "
                             + " | ".join(mean_sd([s["accuracy"][k] for s in at]) for k in new)
                             + f" | {mean_sd([prior_avg(s['accuracy']) for s in at])} | {mean_sd([s['kl_from_base'] for s in at])} |")
@@ -242,7 +246,7 @@ for method in ("sft", "sdft"):
         finals = [r["stages"][-1]["accuracy"] for r in runs if r["method"] == method and r["lr"] == lr]
         worst_new = [min(a[s] for s in skills) for a in finals]
         kept = [prior_avg(a) / max(prior_avg(base["accuracy"]), 1e-9) for a in finals]  # (a --quick base knows nothing)
-        print(f"  {method.upper():4s} lr {lr:g}: every learned skill >= 0.9 in {sum(w >= 0.9 for w in worst_new)}/{len(finals)} "
+        print(f"  {NAMES[method]} lr {lr:g}: every learned skill >= 0.9 in {sum(w >= 0.9 for w in worst_new)}/{len(finals)} "
               f"runs (worst {min(worst_new):.2f}); prior average >= 0.9 of the base's in {sum(k >= 0.9 for k in kept)}/"
               f"{len(finals)} (worst {min(kept):.2f})")
 
@@ -266,7 +270,7 @@ for ax, method in zip(axes, ("sft", "sdft")):
         ax.plot(x, [statistics.mean(col) for col in zip(*ys)], marker="o", label=k,
                 linestyle="--" if k == "prior average" else "-")
     ax.set_xticks(list(x), ["base"] + [f"after {s}" for s in orders[0]])
-    ax.set_title(f"{method.upper()} (lr {lrs[method][0]:g}, {args.demo_style}, {len(runs_here)} seeds)")
+    ax.set_title(f"{NAMES[method]} (lr {lrs[method][0]:g}, {args.demo_style}, {len(runs_here)} seeds)")
     ax.set_ylim(-0.05, 1.05)
 axes[0].set_ylabel("test accuracy")
 axes[1].legend(loc="lower left")
@@ -296,7 +300,7 @@ fig, ax = plt.subplots(figsize=(5, 4))
 for method in ("sft", "sdft"):
     points = [(r["stages"][0]["kl_from_base"], prior_avg(base["accuracy"]) - prior_avg(r["stages"][0]["accuracy"]))
               for r in runs if r["method"] == method]
-    ax.scatter(*zip(*points), color=COLORS[method], label=method.upper(), alpha=0.7)
+    ax.scatter(*zip(*points), color=COLORS[method], label=NAMES[method], alpha=0.7)
 ax.set_xlabel("KL(model || base) on the first skill's answers (nats/token)")
 ax.set_ylabel("drop in prior-skill average, after stage 1")
 ax.legend()

@@ -86,6 +86,17 @@ def test_base_is_weights_only_and_reused(quick):
     assert base.stat().st_mtime_ns == before
 
 
+def test_agreed_prefix_reaches_the_sdft_runs_only(quick):
+    tmp, _ = quick
+    out = tmp / "agreed"
+    proc = run_benchmark("--quick", "--seeds", "0", "--skills", TWO[0], "--out", out, "--base", tmp / "base" / "ckpt.pt",
+                         "--agreed-prefix")
+    assert proc.returncode == 0, proc.stderr
+    runs = {p.name.split("-")[0]: torch.load(p / "ckpt.pt", weights_only=False)["args"] for p in (out / "runs").iterdir()}
+    assert runs["sdft"]["agreed_prefix"] is True and "agreed_prefix" not in runs["sft"]
+    assert "SDFT (agreed prefix)" in (out / "table.md").read_text()
+
+
 @pytest.mark.parametrize("change, flags, needle", [
     ("world", [], "another toy world"),  # e.g. made before a skill was added
     ("world", ["--pretrain"], "another toy world"),  # --pretrain never replaces it either
