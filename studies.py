@@ -51,10 +51,14 @@ VARIANTS = {  # name: (script, flags, label)
     "teacher-ema": (SDFT[0], SDFT[1] | {"stop_at": 1}, "EMA teacher (no early stop)"),
     "teacher-base": (SDFT[0], SDFT[1] | {"stop_at": 1, "teacher": "base"}, "frozen base teacher (no early stop)"),
     "teacher-live": (SDFT[0], SDFT[1] | {"stop_at": 1, "teacher": "live"}, "live student as teacher (no early stop)"),
+    "teacher-ema-lr1e-4": (SDFT[0], {"lr": LR["sft"], "stop_at": 1}, "EMA teacher, lr 1e-4"),
+    "teacher-base-lr1e-4": (SDFT[0], {"lr": LR["sft"], "stop_at": 1, "teacher": "base"}, "frozen base teacher, lr 1e-4"),
+    "teacher-live-lr1e-4": (SDFT[0], {"lr": LR["sft"], "stop_at": 1, "teacher": "live"}, "live student as teacher, lr 1e-4"),
     "reverse-kl": (SDFT[0], SDFT[1] | {"alpha": 1}, "reverse KL"),
     "jsd": (SDFT[0], SDFT[1] | {"alpha": 0.5}, "JSD 0.5"),
     "skip1": (SDFT[0], SDFT[1] | {"skip": 1}, "skip the first token"),
     "skip3": (SDFT[0], SDFT[1] | {"skip": 3}, "skip the first 3 tokens"),
+    "agreed-prefix": (SDFT[0], SDFT[1] | {"agreed_prefix": True}, "only the agreed prefix (not in the paper)"),
     "dft": (SFT[0], SFT[1] | {"dft": True}, "DFT"),
     "sft+reinvoke": (None, None, "SFT + re-invoke (two stages; sees prior-skill prompts)"),
 }
@@ -66,11 +70,13 @@ PAPER = {  # the paper's number for each variant, where it gives one (PAPER.md)
 }
 STUDY_VARIANTS = {
     "onpolicy": ["sdft", "offline-kl", "offline-kl-lr1e-4", "offline-ce", "offline-ce-lr1e-5", "sft"],
-    "teacher": ["teacher-ema", "teacher-base", "teacher-live"],
-    "divergence": ["sdft", "reverse-kl", "jsd", "skip1", "skip3"],
+    "teacher": ["teacher-ema", "teacher-base", "teacher-live", "teacher-ema-lr1e-4", "teacher-base-lr1e-4", "teacher-live-lr1e-4"],
+    "divergence": ["sdft", "reverse-kl", "jsd", "skip1", "skip3", "agreed-prefix"],
     "baselines": ["sft", "dft", "sft+reinvoke", "sdft"],
 }
-REINVOKE_STEPS = 40  # re-invoke: steps per prior skill, distilled from the base in turn (7 skills: 280 steps)
+# Re-invoke: steps per prior skill, distilled from the base in turn (7 skills: up to 280 steps), at
+# SFT's rate: at SDFT's (1e-5) it restored little (prior average 0.12-0.21 after SFT on rotl or swap).
+REINVOKE_STEPS, REINVOKE_LR = 40, LR["sft"]
 SIZES = [(2, 2, 32), (4, 4, 64), (4, 4, 128)]  # (n_layer, n_head, n_embd); the last is the shipped base
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,7 +163,7 @@ def run(variant, skill, seed, base=None):
         sft = run("sft", skill, seed, base)
         command = ["train_sdft.py", "--init", os.path.join(sft["out"], "ckpt.pt"), "--teacher", "base",
                    "--teacher-ckpt", base, "--teacher-sees", "query", "--skills", ",".join(prior), "--seed", str(seed),
-                   "--lr", str(LR["sdft"]), *flags(FINETUNE | {"steps": REINVOKE_STEPS}), "--out", out]
+                   "--lr", str(REINVOKE_LR), *flags(FINETUNE | {"steps": REINVOKE_STEPS}), "--out", out]
     else:
         script, settings, _ = VARIANTS[variant]
         command = [script, "--init", base, "--skills", skill, "--seed", str(seed), *flags(FINETUNE | settings), "--out", out]
@@ -246,18 +252,19 @@ def variant_table(study, records, variants, extra_columns=()):
     return rows
 
 
-def pareto(ax, records, variants):
-    """Each variant's mean (over skills and seeds) prior average against new-skill accuracy."""
-    for v in variants:
+def bars(ax, records, variants):
+    """Per variant, two bars: the new skill's accuracy and the prior-skill average after learning
+    it, mean and sd over every skill and seed."""
+    for i, v in enumerate(reversed(variants)):
         rs = [r for r in records if r["variant"] == v]
-        x = statistics.mean(list(r["new_accuracy"].values())[0] for r in rs)
-        y = statistics.mean(r["prior_average"] for r in rs)
-        ax.scatter(x, y)
-        ax.annotate(VARIANTS[v][2], (x, y), fontsize=7)
-    ax.set_xlabel("new-skill accuracy (each skill learned alone; mean over skills and seeds)")
-    ax.set_ylabel("prior-skill average after it")
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_ylim(-0.05, 1.05)
+        for j, (values, color, label) in enumerate(((list(list(r["new_accuracy"].values())[0] for r in rs), "tab:green", "new skill"),
+                                                    ([r["prior_average"] for r in rs], "tab:blue", "prior-skill average"))):
+            ax.barh(i + 0.2 - 0.4 * j, statistics.mean(values), height=0.4, color=color, label=label if i == 0 else None,
+                    xerr=statistics.stdev(values) if len(values) > 1 else None)
+    ax.set_yticks(range(len(variants)), [VARIANTS[v][2] for v in reversed(variants)], fontsize=8)
+    ax.set_xlabel(f"accuracy after learning one new skill (mean ± sd over {len(skills)} skills x {len(seeds)} seeds)")
+    ax.set_xlim(0, 1.05)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)  # above the bars
 
 
 def write(study, records, rows, draw, config=None):
@@ -292,9 +299,8 @@ def variant_study(study):
     records = run_all(study, variants)
 
     def draw(plt):
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        pareto(ax, records, variants)
-        ax.set_title(f"{study}: {len(skills)} skills x {len(seeds)} seeds per point")
+        fig, ax = plt.subplots(figsize=(8, 1 + 0.6 * len(variants)))
+        bars(ax, records, variants)
         return fig
     write(study, records, variant_table(study, records, variants), draw)
     return records
@@ -304,8 +310,13 @@ def teacher_study():
     """EMA, frozen base or live teacher, run to the whole budget: validation accuracy over steps."""
     variants = STUDY_VARIANTS["teacher"]
     records = run_all("teacher", variants)
+    for r in records:  # does the trained model still read a demonstration (what a live or EMA teacher relies on)?
+        model = load_checkpoint(os.path.join(args.out, "runs", f"{r['variant']}-{r['skill']}-seed{r['seed']}", "ckpt.pt"), device)[0]
+        r["demo_accuracy_end"] = statistics.mean(evaluate(model, tok, list(r["accuracy"]), device, n=FINETUNE["eval_n"],
+                                                          demo_style="expert").values())
     peak = ("peak val", lambda rs: mean_sd([max(a for _, a in r["curve"]) for r in rs]))
     last = ("last val", lambda rs: mean_sd([r["curve"][-1][1] for r in rs]))
+    demo = ("with a demonstration, at the end", lambda rs: mean_sd([r["demo_accuracy_end"] for r in rs]))
 
     def draw(plt):
         fig, axes = plt.subplots(1, len(skills), figsize=(4 * len(skills), 3.5), sharey=True, squeeze=False)
@@ -320,7 +331,7 @@ def teacher_study():
         axes[0][0].set_ylabel("validation accuracy")
         axes[0][-1].legend(fontsize=7)
         return fig
-    write("teacher", records, variant_table("teacher", records, variants, [peak, last]), draw)
+    write("teacher", records, variant_table("teacher", records, variants, [peak, last, demo]), draw)
     return records
 
 
@@ -426,9 +437,10 @@ def law_study():
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        for v in variants:
+        for i, v in enumerate(variants):
             rs = [r for r in records if r["variant"] == v]
-            ax.scatter([r["kl_from_base"] for r in rs], [r["prior_drop"] for r in rs], s=12, label=VARIANTS[v][2].split(" (")[0])
+            ax.scatter([r["kl_from_base"] for r in rs], [r["prior_drop"] for r in rs], s=14, color=plt.cm.tab20(i % 20),
+                       marker="os^"[i // 20 % 3], label=VARIANTS[v][2].split(" (")[0])
         xs = [min(r["kl_from_base"] for r in records), max(r["kl_from_base"] for r in records)]
         ax.plot(xs, [pooled[1] + pooled[0] * x for x in xs], color="black", label=f"pooled fit, R^2 {pooled[2]:.2f}")
         ax.set_xlabel("KL(model || base) on the learned skill's answers (nats/token)")

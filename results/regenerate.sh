@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate every result under results/ from the shipped base models:
 #
-#     bash results/regenerate.sh          # about 35 min on 2 CPU cores
+#     bash results/regenerate.sh          # about 1 h 30 min on 2 CPU cores
 #
 # Every training run uses one thread (benchmark.py sees to it), so the figures repeat exactly
 # on a machine whose CPU sums as this one did; results/README.md copies its tables from each
@@ -24,3 +24,6 @@ python benchmark.py --orders all --seeds 0,1,2 --out results/orders
 # controls: demonstrations in the model's own style; a base that never met the new skills
 python benchmark.py --demo-style own --seeds 0,1,2 --out results/own
 python benchmark.py --p-new 0 --base results/base-unseen/ckpt.pt --seeds 0,1,2 --out results/unseen
+# why it works: the paper's ablations and baselines, each skill learned alone, 3 seeds
+# (results/studies; the two smaller bases of the size study are committed, and made again if missing)
+python studies.py all

@@ -51,6 +51,7 @@ def test_what_each_study_measures(quick):
     assert {r["variant"] for r in load("onpolicy")} == {"sdft", "offline-kl", "offline-kl-lr1e-4", "offline-ce",
                                                          "offline-ce-lr1e-5", "sft"}
     assert all(r["curve"] and r["curve"][0][0] == 0 for r in load("teacher"))  # validation curves from step 0
+    assert all(0 <= r["demo_accuracy_end"] <= 1 for r in load("teacher"))  # the trained model, reading a demonstration
     assert {r["size"] for r in load("size")} == {"1x16", "1x32"}
     assert all(0 <= r["teacher_accuracy"] <= 1 for r in load("size"))
     for r in load("passk"):
@@ -59,8 +60,8 @@ def test_what_each_study_measures(quick):
     reinvoke = next(r for r in load("baselines") if r["variant"] == "sft+reinvoke")
     sft = next(r for r in load("baselines") if r["variant"] == "sft")
     assert reinvoke["steps"] > sft["steps"]  # SFT's steps, then the re-invoke stage's
-    runs = [r for r in load("law")]
-    assert len(runs) == 14 and all("kl_from_base" in r and "prior_drop" in r for r in runs)
+    runs = load("law")  # every single-skill variant but re-invoke
+    assert len(runs) == 18 and all("kl_from_base" in r and "prior_drop" in r for r in runs)
     assert "R^2" in (out / "law" / "table.md").read_text()
     inside = load("inside")[0]["rollouts"][0]["tokens"]
     assert inside and all("divergence" in t and "teacher_top" in t for t in inside)
