@@ -23,7 +23,7 @@ import sys
 import torch
 
 from data import (EOT, NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, demonstration, encode_prompts,
-                  eval_queries, final_answer, parse_skills, student_prompt, teacher_prompt)
+                  eval_queries, final_answer, knowledge_questions, parse_skills, student_prompt, teacher_prompt)
 from model import autocast, get_device, load_checkpoint
 from sdft import completion_logits, loss_mask, masked_mean, per_token_divergence, rollout, score
 
@@ -66,6 +66,18 @@ def evaluate(model, tok, skills, device, split="test", n=100, demo_style=None, s
     result = {s: accuracy(model, tok, s, queries, device, demo_style)[0] for s in skills}
     model.train(was_training)
     return result
+
+
+def knowledge_accuracy(model, tok, facts, device, kind, context=None):
+    """Fraction of the facts' questions answered right, greedily: kind 'direct' (the value) or
+    'indirect' (every prior skill but copy applied to it); context 'doc' puts each fact's document
+    before its question (the oracle). data.knowledge_questions has the formats."""
+    was_training = model.training
+    model.eval()
+    prompts, expected = knowledge_questions(facts, kind, context)
+    outputs = answer(model, tok, prompts, device)
+    model.train(was_training)
+    return sum(final_answer(o) == e for o, e in zip(outputs, expected)) / len(expected)
 
 
 def pass_at_k_estimate(n, c, k):

@@ -33,9 +33,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (LETTERS, MAX_LEN, NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, demonstration, encode_prompts,
-                  parse_skills, skill_examples, teacher_prompt)
-from eval import evaluate, kl_from_base
+from data import (CONTEXTS, LETTERS, MAX_LEN, NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, demonstration,
+                  encode_prompts, fact_examples, fact_prompts, knowledge_facts, parse_skills, skill_examples,
+                  teacher_prompt)
+from eval import evaluate, kl_from_base, knowledge_accuracy
 from model import autocast, check_resume, get_device, load_checkpoint, save_checkpoint
 from sdft import (agreed_prefix, ema_update, loss_mask, make_teacher, masked_mean, per_token_divergence, rollout,
                   sampled_cross_entropy, score)
@@ -54,6 +55,10 @@ parser.add_argument("--ckpt-every", type=int, default=50, help="also write OUT/c
 parser.add_argument("--init", default="results/base/ckpt.pt", help="base checkpoint to fine-tune (default: the shipped base)")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
+parser.add_argument("--facts", type=int, default=0, help="learn this many facts of the knowledge world (data.knowledge_facts "
+                    "of --seed) asked directly, instead of --skills (0: skills)")
+parser.add_argument("--context", default="doc+answer", help="with --facts: what the teacher sees before the question, "
+                    "doc+answer, doc or answer (the paper's App. A.2 ablation)")
 # SDFT
 parser.add_argument("--alpha", type=float, default=0.0, help="divergence: 0 forward KL(teacher||student), 1 reverse KL, between: generalized JSD")
 parser.add_argument("--teacher", default="ema", choices=["ema", "base", "live"], help="teacher weights: EMA of the student, frozen base, or the student itself")
@@ -126,7 +131,10 @@ try:
     if (args.teacher_ckpt or args.teacher_sees == "query") and args.teacher != "base":
         raise ValueError("--teacher-ckpt and --teacher-sees query need --teacher base (a teacher that sees the query "
                          "alone teaches nothing unless its weights are another model's)")
-    skills = parse_skills(args.skills)
+    if args.context not in CONTEXTS:  # checked here, not by argparse: one error line
+        raise ValueError(f"unknown --context '{args.context}' ({', '.join(CONTEXTS)})")
+    facts = knowledge_facts(args.facts, args.seed) if args.facts else None
+    skills = ["knowledge"] if facts else parse_skills(args.skills)
     device = get_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryFile(dir=args.out):  # fail now, not after loading, if --out cannot be written
@@ -161,8 +169,9 @@ try:
     model, _ = load_checkpoint(args.init, device)
     teacher_model = load_checkpoint(args.teacher_ckpt, device)[0] if args.teacher_ckpt else model
     query = LETTERS[:MAX_LEN]  # a longest query: the teacher scores [teacher prompt | rollout]
-    longest = max(len(tok.encode(teacher_prompt(s, query, demonstration(SKILLS[s](query), args.demo_style))))
-                  for s in skills)
+    teachers = ([t for _, _, t in fact_prompts(facts, args.context)] if facts else
+                [teacher_prompt(s, query, demonstration(SKILLS[s](query), args.demo_style)) for s in skills])
+    longest = max(len(tok.encode(t)) for t in teachers)
     if longest + args.max_new_tokens > model.config.block_size:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit: the teacher prompt takes up to "
                          f"{longest} of the model's {model.config.block_size} positions")
@@ -222,7 +231,10 @@ def eta(seconds, steps_done, steps_left):
 
 
 def get_batch(skill, data_rng):
-    students, _, teachers = skill_examples(data_rng, skill, micro_batch_size, args.demo_style)
+    if skill == "knowledge":  # the facts asked directly; the teacher sees --context before the question
+        students, _, teachers = fact_examples(data_rng, facts, micro_batch_size, args.context)
+    else:
+        students, _, teachers = skill_examples(data_rng, skill, micro_batch_size, args.demo_style)
     if args.teacher_sees == "query":
         teachers = students  # re-invoke: the teacher is asked exactly as the student is
     return [t.to(device) for t in (*encode_prompts(tok, students), *encode_prompts(tok, teachers))]
@@ -260,7 +272,8 @@ for stage, skill in enumerate(stages):
         if step % args.eval_every == 0:
             stop = torch.zeros(1, device=device)
             if master:
-                val_acc = evaluate(model, tok, [skill], device, split="val", n=args.eval_n)[skill]
+                val_acc = (knowledge_accuracy(model, tok, facts, device, "direct") if facts else  # the facts are what is learned
+                           evaluate(model, tok, [skill], device, split="val", n=args.eval_n)[skill])
                 log({"stage": stage, "skill": skill, "step": step, "val_acc": val_acc})
                 print(f"stage {stage + 1}/{len(stages)} {skill} | step {step} | val_acc {val_acc:.2f}")
                 stop[0] = val_acc >= args.stop_at
@@ -337,10 +350,13 @@ for stage, skill in enumerate(stages):
     # end of stage: test accuracy on every skill (rank 0), then checkpoint
     if master:
         accuracy = evaluate(model, tok, all_skills, device, split="test", n=args.eval_n)
-        kl = kl_from_base(model, base, tok, skill, device, n=args.eval_n)
+        if facts:  # the facts learned, asked as trained and through a prior skill (not trained: the OOD column)
+            accuracy |= {kind: knowledge_accuracy(model, tok, facts, device, kind) for kind in ("direct", "indirect")}
+        kl = None if facts else kl_from_base(model, base, tok, skill, device, n=args.eval_n)
         seconds = time.time() - t_stage
         log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy, "kl_from_base": kl})
-        print(f"stage {stage + 1}/{len(stages)} {skill} done: {step} steps, {seconds:.0f}s, kl_from_base {kl:.3f}")
+        print(f"stage {stage + 1}/{len(stages)} {skill} done: {step} steps, {seconds:.0f}s"
+              + ("" if kl is None else f", kl_from_base {kl:.3f}"))
         print("  " + " ".join(f"{s} {a:.2f}" for s, a in accuracy.items()))
     checkpoint(stage, step, True, optimizer)
 

@@ -40,9 +40,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (NEW_SKILLS, PRIOR_SKILLS, Tokenizer, parse_skills, pretrain_examples,
-                  sft_batch, skill_examples)
-from eval import evaluate, kl_from_base
+from data import (NEW_SKILLS, PRIOR_SKILLS, Tokenizer, document_examples, fact_examples, knowledge_facts,
+                  knowledge_pretrain_examples, parse_skills, pretrain_examples, sft_batch, skill_examples)
+from eval import evaluate, kl_from_base, knowledge_accuracy
 from model import GPT, GPTConfig, autocast, check_resume, get_device, load_checkpoint, save_checkpoint
 from sdft import dft_loss
 
@@ -62,12 +62,18 @@ parser.add_argument("--pretrain", action="store_true", help="train a base model 
 parser.add_argument("--init", default="results/base/ckpt.pt", help="base checkpoint to fine-tune (default: the shipped base; not with --pretrain)")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
+parser.add_argument("--facts", type=int, default=0, help="learn this many facts of the knowledge world (data.knowledge_facts "
+                    "of --seed) from their question-answer pairs, instead of --skills (0: skills)")
+parser.add_argument("--cpt", action="store_true", help="with --facts: continued pretraining, next-token training on the "
+                    "facts' documents instead of the question-answer pairs")
 parser.add_argument("--dft", action="store_true", help="the DFT baseline (Wu et al. 2025): weight each token's loss by "
                     "its probability, detached (not with --pretrain)")
 parser.add_argument("--p-new", type=float, default=0.1, help="pretraining only: share of plain examples that ask each new skill "
                     "(0: the base never meets the new skills)")
 parser.add_argument("--p-right", type=float, default=0.4, help="pretraining only: share of those answered right (the rest: "
                     "answered as the skill's rival, data.RIVALS)")
+parser.add_argument("--p-knowledge", type=float, default=0.0, help="pretraining only: share of batches of knowledge examples, "
+                    "throw-away facts with their document in context and known facts asked plainly (0: the skills base)")
 # model size (pretraining only; fine-tuning reads it from the checkpoint)
 parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
 parser.add_argument("--n-head", type=int, default=4, help="attention heads")
@@ -122,7 +128,12 @@ try:
                          f"{args.grad_accum} micro-batches (--grad-accum)")
     if args.dft and args.pretrain:
         raise ValueError("--dft is a fine-tuning baseline, not a way to pretrain")
-    skills = [] if args.pretrain else parse_skills(args.skills)
+    if not 0 <= args.p_knowledge <= 1 or (args.p_knowledge and not args.pretrain):
+        raise ValueError(f"--p-knowledge is a share of pretraining batches, in [0, 1], got {args.p_knowledge}")
+    if (args.facts or args.cpt) and args.pretrain or args.cpt and not args.facts:
+        raise ValueError("--facts and --cpt fine-tune a base on facts; --cpt needs --facts")
+    facts = knowledge_facts(args.facts, args.seed) if args.facts else None
+    skills = [] if args.pretrain else ["knowledge"] if facts else parse_skills(args.skills)
     device = get_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryFile(dir=args.out):  # fail now, not after loading, if --out cannot be written
@@ -220,8 +231,14 @@ def eta(seconds, steps_done, steps_left):
 
 
 def get_batch(skill, data_rng):
-    if skill == "pretrain":
+    if skill == "pretrain" and args.p_knowledge and data_rng.random() < args.p_knowledge:  # (p 0 draws nothing)
+        prompts, targets = knowledge_pretrain_examples(data_rng, micro_batch_size)
+    elif skill == "pretrain":
         prompts, targets = pretrain_examples(data_rng, micro_batch_size, p_new=args.p_new, p_right=args.p_right)
+    elif skill == "knowledge" and args.cpt:  # continued pretraining: the documents, all of their text the target
+        prompts, targets = document_examples(data_rng, facts, micro_batch_size)
+    elif skill == "knowledge":  # the facts asked directly, and their answers
+        prompts, targets, _ = fact_examples(data_rng, facts, micro_batch_size, None)
     else:
         prompts, targets, _ = skill_examples(data_rng, skill, micro_batch_size, args.demo_style)
     return [t.to(device) for t in sft_batch(tok, prompts, targets)]
@@ -259,7 +276,8 @@ for stage, skill in enumerate(stages):
         if skill != "pretrain" and step % args.eval_every == 0:
             stop = torch.zeros(1, device=device)
             if master:
-                val_acc = evaluate(model, tok, [skill], device, split="val", n=args.eval_n)[skill]
+                val_acc = (knowledge_accuracy(model, tok, facts, device, "direct") if facts else  # the facts are what is learned
+                           evaluate(model, tok, [skill], device, split="val", n=args.eval_n)[skill])
                 log({"stage": stage, "skill": skill, "step": step, "val_acc": val_acc})
                 print(f"stage {stage + 1}/{len(stages)} {skill} | step {step} | val_acc {val_acc:.2f}")
                 stop[0] = val_acc >= args.stop_at
@@ -319,7 +337,9 @@ for stage, skill in enumerate(stages):
     # end of stage: test accuracy on every skill (rank 0), then checkpoint
     if master:
         accuracy = evaluate(model, tok, all_skills, device, split="test", n=args.eval_n)
-        kl = None if skill == "pretrain" else kl_from_base(model, base, tok, skill, device, n=args.eval_n)
+        if facts:  # the facts learned, asked as trained and through a prior skill (not trained: the OOD column)
+            accuracy |= {kind: knowledge_accuracy(model, tok, facts, device, kind) for kind in ("direct", "indirect")}
+        kl = None if skill in ("pretrain", "knowledge") else kl_from_base(model, base, tok, skill, device, n=args.eval_n)
         seconds = time.time() - t_stage
         log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy, "kl_from_base": kl})
         print(f"stage {stage + 1}/{len(stages)} {skill} done: {step} steps, {seconds:.0f}s"

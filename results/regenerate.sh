@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 python eval.py > results/base/eval.txt
 python eval.py --temperature 1 --skills rotl,swap,odds --mistakes 0 > results/base/eval-sampled.txt
 python eval.py --ckpt results/base-unseen/ckpt.pt --mistakes 0 > results/base-unseen/eval.txt
+python eval.py --ckpt results/base-knowledge/ckpt.pt > results/base-knowledge/eval.txt
 
 # how each method's learning rate was chosen: a sweep in the default order, 3 seeds
 python benchmark.py --lr-sft 3e-5,1e-4,3e-4 --lr-sdft 1e-5,3e-5,1e-4 --seeds 0,1,2 --out results/lr
@@ -27,3 +28,5 @@ python benchmark.py --p-new 0 --base results/base-unseen/ckpt.pt --seeds 0,1,2 -
 # why it works: the paper's ablations and baselines, each skill learned alone, 3 seeds
 # (results/studies; the two smaller bases of the size study are committed, and made again if missing)
 python studies.py all
+# knowledge from documents (the paper's Table 1), on its own base, 10 and 50 facts, 3 seeds (~9 min)
+python knowledge.py --facts 10,50

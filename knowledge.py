@@ -1,0 +1,215 @@
+"""
+Knowledge acquisition in miniature: learning facts from documents (the paper's Table 1, and its
+teacher-context ablation, App. A.2), one command.
+
+    python knowledge.py                       # 10 facts, 3 seeds, every method (~4 min on 2 CPU cores)
+    python knowledge.py --facts 10,50         # the number of facts learned at once (~9 min: results/knowledge)
+    python knowledge.py --quick               # a tiny check of the pipeline: shows nothing
+
+From the knowledge base (results/base-knowledge/ckpt.pt: the skills mixture plus knowledge
+examples, pretrained first if it is missing), each method learns the same n facts about
+made-up entities (data.knowledge_facts of the seed) within the same budget, and is evaluated on:
+- direct:        `what ENTITY>` -> the value (the paper's strict column; the toy has no lenient grader)
+- indirect:      `rev ENTITY>` -> the value, then rev of it, for every prior skill but copy: needs the
+                 new fact and an old skill, and no method trains on it (the paper's OOD column)
+- prior_average: the prior skills on their test queries, after learning (retention; the paper
+                 does not report it for this setting)
+The methods: base (nothing learned), oracle (the base with the fact's document in context:
+evaluated, not trained), CPT (train_sft.py --cpt: next-token training on the documents), SFT
+(train_sft.py: on the direct question-answer pairs) and SDFT (train_sdft.py: the student sees the
+direct question, the teacher sees the document and the answer before it, or one of the two:
+--context doc+answer | doc | answer). A run ends when every fact is answered directly or the
+budget runs out. Writes OUT/results.json (one record per run: method, context, n_facts, seed,
+direct, indirect, prior_average, steps), OUT/table.md and OUT/knowledge.png; the runs go to
+OUT/runs and are reused when their command has not changed.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from data import CONTEXTS, MAX_FACTS, PRIOR_SKILLS, Tokenizer, knowledge_facts
+from eval import evaluate, knowledge_accuracy
+from jobs import BASE_SETTINGS, check_base, clock, flags, pretrain_base, run_script
+from model import load_checkpoint
+
+# The knowledge base: the skills base's recipe, with 40% of the batches knowledge examples and
+# 2000 more steps, so that the skills still get about the 5000 steps' worth of batches they had.
+KNOWLEDGE_BASE_SETTINGS = BASE_SETTINGS | {"steps": 7000, "p_knowledge": 0.4}
+# Each method's rate: the lowest of 1e-5, 3e-5, 1e-4 that answers all 10 facts of seed 0 directly
+# within the budget (direct after 300 steps: SFT 0.50, 1.00, 1.00; SDFT 0.00, 0.40, 1.00), the
+# skills' rates (jobs.LR) being too low for SDFT here: its student starts ~3.8 nats/token from the
+# teacher, whose fact it does not know. CPT learns no fact at any of them, so it gets the highest.
+LR = {"cpt": 1e-4, "sft": 3e-5, "sdft": 1e-4}
+METHODS = [("base", "-"), ("oracle", "-"), ("cpt", "-"), ("sft", "-")] + [("sdft", c) for c in CONTEXTS]
+PAPER = {("base", "-"): "0 / 0 / 0", ("oracle", "-"): "91 / 100 / 100", ("cpt", "-"): "9 / 37 / 7",
+         ("sft", "-"): "80 / 95 / 80", ("sdft", "doc+answer"): "89 / 100 / 98 (App. A.2: 89)",
+         ("sdft", "doc"): "App. A.2: 75", ("sdft", "answer"): "App. A.2: between 75 and 89"}
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--facts", default="10", help="comma-separated numbers of facts, each learned at once")
+parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: each seed's facts and run")
+parser.add_argument("--out", default=None, help="directory for the results (default: results/knowledge, "
+                    "or runs/knowledge-quick with --quick)")
+parser.add_argument("--base", default=None, help="the knowledge base (default: results/base-knowledge/ckpt.pt, "
+                    "pretrained if missing; with --quick: OUT/base.pt)")
+parser.add_argument("--quick", action="store_true", help="tiny model and budget: checks the pipeline, shows nothing")
+args = parser.parse_args()
+args.out = args.out or ("runs/knowledge-quick" if args.quick else "results/knowledge")
+base_settings = KNOWLEDGE_BASE_SETTINGS
+FINETUNE = {"steps": 300, "eval_n": 100, "stop_at": 1}  # stop_at 1: when every fact is answered directly
+if args.quick:
+    base_settings = KNOWLEDGE_BASE_SETTINGS | {"steps": 20, "n_layer": 1, "n_head": 2, "n_embd": 32}
+    FINETUNE = {"steps": 2, "eval_n": 4, "eval_every": 1, "batch_size": 4, "stop_at": 1}
+args.base = args.base or (os.path.join(args.out, "base.pt") if args.quick else "results/base-knowledge/ckpt.pt")
+try:
+    n_facts = [int(n) for n in args.facts.split(",") if n.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not n_facts or not seeds:
+        raise ValueError("--facts and --seeds must each list at least one number")
+    for n in n_facts:
+        knowledge_facts(n, 0)  # one sentence if the world cannot make n distinct facts
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+except ValueError as e:
+    sys.exit(f"error: {e}" if "invalid literal" not in str(e) else
+             f"error: --facts and --seeds must be comma-separated integers, got '{args.facts}' and '{args.seeds}'")
+except OSError as e:
+    sys.exit(f"error: cannot write to --out {args.out} ({e.strerror})")
+
+device = torch.device("cpu")  # the runs are CPU runs (jobs.run_script); so is this evaluation
+tok = Tokenizer()
+t_start = time.time()
+
+
+def get_base():
+    """The knowledge base, pretrained first if it is missing; a checkpoint made otherwise is refused."""
+    if os.path.exists(args.base):
+        why_not = check_base(load_checkpoint(args.base)[1], base_settings)
+        if why_not:
+            sys.exit(f"error: {args.base} is not the knowledge base: {why_not}")
+    else:
+        print(f"pretraining {args.base} ({base_settings['steps']} steps)", flush=True)
+        pretrain_base(args.base, base_settings)
+    return args.base
+
+
+def prior_average(accuracy):
+    return statistics.mean(accuracy[s] for s in PRIOR_SKILLS)
+
+
+def evaluate_base(base, n, seed):
+    """The base and the oracle (the base with each fact's document in context): evaluated, not trained."""
+    model = load_checkpoint(base, device)[0]
+    prior = prior_average(evaluate(model, tok, list(PRIOR_SKILLS), device, n=FINETUNE["eval_n"]))
+    facts = knowledge_facts(n, seed)
+    return [{"method": method, "context": "-", "n_facts": n, "seed": seed, "steps": 0, "prior_average": prior,
+             **{kind: knowledge_accuracy(model, tok, facts, device, kind, context) for kind in ("direct", "indirect")}}
+            for method, context in (("base", None), ("oracle", "doc"))]
+
+
+def train(base, method, context, n, seed):
+    """One run of a training script on the n facts of the seed; its record, from the last line of
+    its metrics.jsonl (the end-of-stage evaluation)."""
+    script, method_flags = {"cpt": ("train_sft.py", ["--cpt"]), "sft": ("train_sft.py", []),
+                            "sdft": ("train_sdft.py", ["--context", context])}[method]
+    name = f"{method}{'' if context == '-' else '-' + context}-{n}facts-seed{seed}"
+    out = os.path.join(args.out, "runs", name)
+    command = [script, "--init", base, "--facts", str(n), "--seed", str(seed), "--lr", str(LR[method]),
+               *method_flags, *flags(FINETUNE), "--out", out]
+    done = os.path.join(out, "command.json")
+    if not (os.path.exists(done) and json.load(open(done)) == command):
+        print(f"{name} ({clock(time.time() - t_start)} elapsed)", flush=True)
+        run_script(*command)
+        with open(done, "w") as f:
+            json.dump(command, f)
+    stage = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
+    accuracy = stage["accuracy"]
+    return {"method": method, "context": context, "n_facts": n, "seed": seed, "steps": stage["steps"],
+            "direct": accuracy["direct"], "indirect": accuracy["indirect"], "prior_average": prior_average(accuracy)}
+
+
+# -----------------------------------------------------------------------------
+# tables and plots
+
+def mean_sd(values):
+    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def table(records):
+    """| facts | method | context | direct | indirect | prior average | steps | paper |, mean ± sd over seeds,
+    then the issue's goals, met or not, per number of facts."""
+    rows = ["| facts | method | context | direct | indirect (OOD) | prior average | steps | paper: strict / lenient / OOD |",
+            "|---|---|---|---|---|---|---|---|"]
+    mean = {}
+    for n in n_facts:
+        for method, context in METHODS:
+            rs = [r for r in records if (r["method"], r["context"], r["n_facts"]) == (method, context, n)]
+            mean[n, method, context] = {k: statistics.mean(r[k] for r in rs) for k in ("direct", "indirect", "prior_average")}
+            rows.append(f"| {n} | {method} | {context} | {mean_sd([r['direct'] for r in rs])} | "
+                        f"{mean_sd([r['indirect'] for r in rs])} | {mean_sd([r['prior_average'] for r in rs])} | "
+                        f"{statistics.mean(r['steps'] for r in rs):.0f} | {PAPER[method, context]} |")
+    rows += ["", "| facts | goal | met |", "|---|---|---|"]
+    for n in n_facts:
+        sdft, sft, oracle, base, cpt = (mean[n, m, c] for m, c in (("sdft", "doc+answer"), ("sft", "-"), ("oracle", "-"),
+                                                                  ("base", "-"), ("cpt", "-")))
+        goals = [(f"SDFT indirect within 0.1 of the oracle ({sdft['indirect']:.2f} vs {oracle['indirect']:.2f})",
+                  sdft["indirect"] >= oracle["indirect"] - 0.1),
+                 (f"SDFT indirect >= SFT + 0.15 ({sdft['indirect']:.2f} vs {sft['indirect']:.2f})",
+                  sdft["indirect"] >= sft["indirect"] + 0.15),
+                 (f"SDFT direct >= SFT ({sdft['direct']:.2f} vs {sft['direct']:.2f})", sdft["direct"] >= sft["direct"]),
+                 (f"SDFT prior average >= 0.9 of the base's ({sdft['prior_average']:.2f} vs {base['prior_average']:.2f})",
+                  sdft["prior_average"] >= 0.9 * base["prior_average"]),
+                 (f"CPT barely learns to answer: direct below 0.2 ({cpt['direct']:.2f})", cpt["direct"] < 0.2)]
+        rows += [f"| {n} | {goal} | {'yes' if met else 'no'} |" for goal, met in goals]
+    return rows
+
+
+def draw(records, path):
+    """One panel per number of facts: per method, direct, indirect and prior-average bars (mean, sd over seeds)."""
+    import matplotlib  # imported late: only the plot needs it
+
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(n_facts), figsize=(6 * len(n_facts), 3.5), squeeze=False)
+    for ax, n in zip(axes[0], n_facts):
+        for i, (method, context) in enumerate(METHODS):
+            rs = [r for r in records if (r["method"], r["context"], r["n_facts"]) == (method, context, n)]
+            for j, (key, color) in enumerate((("direct", "tab:green"), ("indirect", "tab:orange"), ("prior_average", "tab:blue"))):
+                values = [r[key] for r in rs]
+                ax.bar(i + 0.27 * (j - 1), statistics.mean(values), width=0.27, color=color, label=key if i == 0 else None,
+                       yerr=statistics.stdev(values) if len(values) > 1 else None)
+        ax.set_xticks(range(len(METHODS)), [m if c == "-" else f"sdft\n{c}" for m, c in METHODS], fontsize=8)
+        ax.set_ylim(0, 1.2)  # room for the legend
+        ax.set_title(f"{n} facts learned at once ({len(seeds)} seeds)")
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=8, loc="upper center", ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# the study
+
+base = get_base()
+records = []
+for n in n_facts:
+    for seed in seeds:
+        records += evaluate_base(base, n, seed)
+        records += [train(base, method, context, n, seed) for method, context in METHODS if method not in ("base", "oracle")]
+rows = table(records)
+results = {"config": {"facts": n_facts, "seeds": seeds, "finetune": FINETUNE, "lr": LR, "base": base,
+                      "base_settings": base_settings, "max_facts": MAX_FACTS, "quick": args.quick}, "runs": records}
+with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
+    json.dump(results, f, indent=1)
+os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
+with open(os.path.join(args.out, "table.md"), "w") as f:
+    f.write("\n".join(rows) + "\n")
+draw(records, os.path.join(args.out, "knowledge.png"))
+print("\n".join(rows) + f"\nwrote {args.out}/results.json, table.md, knowledge.png ({clock(time.time() - t_start)} elapsed)")

@@ -1,0 +1,191 @@
+"""
+The knowledge world (data.py's last section), the training scripts' --facts, --cpt and --context,
+and knowledge.py, with a tiny model and budget: the formats the student and the teacher see, the
+splits (no evaluation entity or document in pretraining), bad input, and the first step's loss of
+each method recomputed here.
+
+    python -m pytest -q tests/test_knowledge.py
+"""
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+from data import (CONTEXTS, FACTS_PER_DOC, INDIRECT_SKILLS, KNOWN_FACTS, MAX_FACTS, SKILLS, Tokenizer,  # noqa: E402
+                  document_examples, documents, encode_prompts, entity_split, fact_examples, fact_prompts,
+                  knowledge_facts, knowledge_pretrain_examples, knowledge_questions, pretrain_examples, sft_batch)
+from model import load_checkpoint  # noqa: E402
+from sdft import loss_mask, masked_mean, per_token_divergence, rollout, score  # noqa: E402
+
+TOK = Tokenizer()
+FACTS = [("zorpxl", "cabd"), ("qtuvwk", "hgf"), ("nmlkos", "jide"), ("wyxvus", "bdf")]
+ENTITY = re.compile(r"\b[k-z]{6}\b")  # an entity's name: 6 letters from k..z, never a skill or a query
+
+
+def env():  # one thread per script: on 2 shared cores, more make these runs far slower
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+# -----------------------------------------------------------------------------
+# the world: formats and splits
+
+def test_formats_what_the_student_and_the_teacher_see():
+    assert documents(FACTS) == ["zorpxl is cabd", "qtuvwk is hgf", "nmlkos is jide", "wyxvus is bdf"]  # a fact each
+    assert data.document(FACTS[:2]) == "zorpxl is cabd\nqtuvwk is hgf"  # pretraining's, of 1 to 3 facts
+    student, answer, _ = fact_prompts(FACTS, None)[1]
+    assert (student, answer) == ("what qtuvwk>", "hgf")
+    teachers = {c: fact_prompts(FACTS, c)[1][2] for c in CONTEXTS}
+    assert teachers == {"doc+answer": "qtuvwk is hgf\nwhat qtuvwk:hgf\nwhat qtuvwk>",
+                        "doc": "qtuvwk is hgf\nwhat qtuvwk>",
+                        "answer": "what qtuvwk:hgf\nwhat qtuvwk>"}
+    assert all(t.endswith(student) for t in teachers.values())  # both score the same completion
+    # indirect: a prior skill on the value, recalled first; the grader reads the text after '='
+    prompts, expected = knowledge_questions(FACTS[:1], "indirect")
+    assert prompts == [f"{s} zorpxl>" for s in INDIRECT_SKILLS] and "copy" not in INDIRECT_SKILLS
+    assert expected == [SKILLS[s]("cabd") for s in INDIRECT_SKILLS]
+    assert data.fact_answer("rev", "cabd") == "cabd=dbac"
+    assert knowledge_questions(FACTS[:1], "indirect", "doc")[0][0] == "zorpxl is cabd\nrev zorpxl>"  # the oracle
+    assert knowledge_questions(FACTS, "direct") == ([f"what {e}>" for e, _ in FACTS], [v for _, v in FACTS])
+    # CPT: the documents are the whole target, with no prompt
+    assert document_examples(random.Random(0), FACTS, 3)[0] == ["", "", ""]
+    assert set(document_examples(random.Random(0), FACTS, 20)[1]) == set(documents(FACTS))
+    with pytest.raises(ValueError, match="unknown context"):
+        fact_prompts(FACTS, "answer+doc")
+
+
+def test_teacher_prompts_fit_the_model():
+    facts = knowledge_facts(3 * FACTS_PER_DOC, 0)
+    longest = max(len(TOK.encode(t)) for c in CONTEXTS for _, _, t in fact_prompts(facts, c))
+    assert longest + 32 <= 128  # with train_sdft.py's default --max-new-tokens, in the model's block_size
+    for _ in range(20):
+        prompts, targets = knowledge_pretrain_examples(random.Random(_), 32)
+        assert max(len(TOK.encode(p + t)) + 1 for p, t in zip(prompts, targets)) <= 128
+
+
+def test_facts_are_distinct_reproducible_and_bounded():
+    facts = knowledge_facts(200, 1)
+    assert facts == knowledge_facts(200, 1) and facts != knowledge_facts(200, 2)
+    assert len({e for e, _ in facts}) == len({v for _, v in facts}) == 200
+    assert all(ENTITY.fullmatch(e) and len(set(e)) == 6 and 3 <= len(v) <= 6 and set(v) <= set(data.LETTERS)
+               for e, v in facts)
+    for n in (0, -1, MAX_FACTS + 1):
+        with pytest.raises(ValueError, match="distinct facts"):
+            knowledge_facts(n, 0)
+
+
+def test_splits_do_not_overlap_and_evaluation_never_occurs_in_pretraining():
+    evaluation = {e for seed in range(3) for e, _ in knowledge_facts(200, seed)}
+    assert all(entity_split(e) == "eval" for e in evaluation)
+    assert all(entity_split(e) == "pretrain" for e, _ in KNOWN_FACTS)
+    rng, texts = random.Random(0), []
+    for _ in range(100):  # the knowledge batches of pretraining, and the skills mixture beside them
+        texts += sum(knowledge_pretrain_examples(rng, 32), [])
+        skills_texts = sum(pretrain_examples(rng, 32), [])
+        assert not any(ENTITY.search(t) for t in skills_texts)  # no 6-letter k..z word there at all
+    seen = {e for t in texts for e in ENTITY.findall(t)}
+    assert seen and all(entity_split(e) == "pretrain" for e in seen)
+    assert {e for e, _ in KNOWN_FACTS} <= seen  # the base meets its known facts
+    lines = {line for d in documents(knowledge_facts(200, 0)) for line in d.splitlines()}
+    assert not any(line in t for line in lines for t in texts)  # nor a line of an evaluation document
+    assert data.world_signature() == "0bcb09eb"  # the skills world, and so its shipped base, unchanged
+
+
+# -----------------------------------------------------------------------------
+# the scripts and the driver, on a tiny base made by knowledge.py --quick
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("knowledge")
+    r = subprocess.run([sys.executable, "knowledge.py", "--quick", "--facts", "3", "--seeds", "0", "--out", out],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_knowledge_writes_one_record_per_run(quick):
+    runs = json.loads((quick / "results.json").read_text())["runs"]
+    assert {(r["method"], r["context"]) for r in runs} == {("base", "-"), ("oracle", "-"), ("cpt", "-"), ("sft", "-")} | {
+        ("sdft", c) for c in CONTEXTS}
+    for r in runs:
+        assert r["n_facts"] == 3 and r["seed"] == 0
+        assert all(0 <= r[k] <= 1 for k in ("direct", "indirect", "prior_average"))
+    assert (quick / "table.md").read_text().startswith("| facts | method")
+    assert (quick / "knowledge.png").stat().st_size > 0
+
+
+def first_loss(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][0]
+
+
+def sft_loss(model, prompts, targets):
+    ids, mask, target_mask = sft_batch(TOK, prompts, targets)
+    with torch.no_grad():
+        logits = model(ids[:, :-1], mask[:, :-1])
+    token_loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    weights = target_mask[:, 1:].float()
+    return ((token_loss * weights).sum() / weights.sum()).item()
+
+
+def sdft_loss(model, facts, context, seed):
+    students, _, teachers = fact_examples(random.Random(seed), facts, 4, context)
+    s_ids, s_mask = encode_prompts(TOK, students)
+    t_ids, t_mask = encode_prompts(TOK, teachers)
+    with torch.no_grad():  # at step 0 the EMA teacher is the student
+        completion, completion_mask = rollout(model, s_ids, s_mask, 32, TOK.eot_id, torch.Generator().manual_seed(seed))
+        student_logits, teacher_logits = score(model, model, s_ids, s_mask, t_ids, t_mask, completion, completion_mask)
+    return masked_mean(per_token_divergence(student_logits, teacher_logits), loss_mask(completion_mask, 0)).item()
+
+
+def test_scripts_compute_what_they_say(quick):
+    """The first logged loss of knowledge.py's runs, SFT (the direct pairs), CPT (the documents)
+    and SDFT under each --context, equals the loss computed here from the same facts (3, seed 0),
+    data stream and rollouts (batches of 4: knowledge.py --quick)."""
+    model, facts, seed = load_checkpoint(str(quick / "base.pt"))[0].eval(), knowledge_facts(3, 0), 0
+    run = lambda name: quick / "runs" / f"{name}-3facts-seed0"
+    assert first_loss(run("sft")) == pytest.approx(
+        sft_loss(model, *fact_examples(random.Random(seed), facts, 4, None)[:2]), rel=1e-5)
+    assert first_loss(run("cpt")) == pytest.approx(
+        sft_loss(model, *document_examples(random.Random(seed), facts, 4)), rel=1e-5)
+    losses = [first_loss(run(f"sdft-{c}")) for c in CONTEXTS]
+    assert losses == pytest.approx([sdft_loss(model, facts, c, seed) for c in CONTEXTS], rel=1e-5, abs=1e-6)
+    assert len(set(losses)) == len(losses)  # what the teacher sees changes the loss
+    stage = json.loads((run("sft") / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"direct", "indirect", "rev"} <= set(stage["accuracy"]) and stage["kl_from_base"] is None
+
+
+BAD_INPUTS = [  # (script and flags, text the error line must contain)
+    (["train_sdft.py", "--facts", "3", "--context", "docs"], "unknown --context 'docs'"),
+    (["train_sdft.py", "--facts", str(MAX_FACTS + 1)], "distinct facts"),
+    (["train_sft.py", "--cpt"], "--cpt needs --facts"),
+    (["train_sft.py", "--p-knowledge", "0.5"], "--p-knowledge"),
+    (["knowledge.py", "--facts", f"10,{MAX_FACTS + 1}"], "distinct facts"),
+    (["knowledge.py", "--facts", "ten"], "comma-separated integers"),
+]
+
+
+def test_bad_input_is_one_error_line(tmp_path):
+    """Each bad input: non-zero exit, one line on stderr starting with 'error:', no traceback."""
+    procs = [start(*command, "--out", tmp_path / "bad") for command, _ in BAD_INPUTS]  # side by side
+    for (command, needle), proc in zip(BAD_INPUTS, procs):
+        _, stderr = proc.communicate(timeout=120)
+        lines = stderr.strip().splitlines()
+        assert proc.returncode != 0 and "Traceback" not in stderr, (command, stderr)
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (command, stderr)
+    assert not (tmp_path / "bad" / "ckpt.pt").exists()
