@@ -9,7 +9,7 @@ Why it works: the paper's ablations and baselines, in miniature, one command per
     python studies.py passk         # pass@1..16 of the base, SFT and SDFT (Fig. 5 right)
     python studies.py law           # the forgetting law: the prior-skill drop against kl_from_base (RL's Razor)
     python studies.py inside        # inside one SDFT step, token by token (also: eval.py --inspect SKILL)
-    python studies.py all           # every study, ~50 min on 2 CPU cores; --quick: a tiny check of the pipeline
+    python studies.py all           # every study, about an hour on 2 CPU cores; --quick: a tiny check of the pipeline
 
 As the paper's ablations each learn one task, every run here learns one new skill from the
 shipped base (results/base/ckpt.pt), for each new skill and seed (3 x 3 runs per variant),
@@ -23,7 +23,6 @@ are reused by every study that needs the same run (same command, finished).
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
