@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -32,6 +33,17 @@ def flags(settings):
 def clock(seconds):
     seconds = round(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def every(seconds=15, prefix="  "):
+    """An on_line for run_script that echoes a step line at most every `seconds`: nothing runs silently."""
+    last = [0.0]
+
+    def on_line(line):
+        if " step " in line and time.time() - last[0] > seconds:
+            print(prefix + line, flush=True)
+            last[0] = time.time()
+    return on_line
 
 
 def run_script(script, *script_args, on_line=None):

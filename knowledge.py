@@ -35,7 +35,7 @@ import torch
 
 from data import CONTEXTS, MAX_FACTS, PRIOR_SKILLS, Tokenizer, knowledge_facts
 from eval import evaluate, knowledge_accuracy
-from jobs import BASE_SETTINGS, check_base, clock, flags, pretrain_base, run_script
+from jobs import BASE_SETTINGS, check_base, clock, every, flags, pretrain_base, run_script
 from model import load_checkpoint
 
 # The knowledge base: the skills base's recipe, with 40% of the batches knowledge examples and
@@ -94,7 +94,7 @@ def get_base():
             sys.exit(f"error: {args.base} is not the knowledge base: {why_not}")
     else:
         print(f"pretraining {args.base} ({base_settings['steps']} steps)", flush=True)
-        pretrain_base(args.base, base_settings)
+        pretrain_base(args.base, base_settings, on_line=every())
     return args.base
 
 
@@ -124,7 +124,7 @@ def train(base, method, context, n, seed):
     done = os.path.join(out, "command.json")
     if not (os.path.exists(done) and json.load(open(done)) == command):
         print(f"{name} ({clock(time.time() - t_start)} elapsed)", flush=True)
-        run_script(*command)
+        run_script(*command, on_line=every())
         with open(done, "w") as f:
             json.dump(command, f)
     stage = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]

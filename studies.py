@@ -34,7 +34,7 @@ import torch
 
 from data import NEW_SKILLS, PRIOR_SKILLS, Tokenizer, eval_queries, parse_skills
 from eval import evaluate, inspect_step, pass_at_k, plot_inspect
-from jobs import BASE_SETTINGS, LR, check_base, clock, flags, pretrain_base, run_script
+from jobs import BASE_SETTINGS, LR, check_base, clock, every, flags, pretrain_base, run_script
 from model import load_checkpoint
 
 STUDIES = ["onpolicy", "teacher", "divergence", "baselines", "size", "passk", "law", "inside"]
@@ -144,7 +144,7 @@ def get_base(size=None):
                 sys.exit(f"error: {path} is not a base for these studies: {why_not}")
         else:
             print(f"pretraining {path} ({settings['steps']} steps)", flush=True)
-            pretrain_base(path, settings)
+            pretrain_base(path, settings, on_line=every())
     return path
 
 
