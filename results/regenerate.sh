@@ -22,6 +22,8 @@ python eval.py --ckpt results/base-knowledge/ckpt.pt > results/base-knowledge/ev
 python benchmark.py --lr-sft 3e-5,1e-4,3e-4 --lr-sdft 1e-5,3e-5,1e-4 --seeds 0,1,2 --out results/lr
 # the headline: every order of the three new skills, each method at its tuned rate, 3 seeds
 python benchmark.py --orders all --seeds 0,1,2 --out results/orders
+# the same with SDFT counting only the agreed prefix (not in the paper; results/NOTES.md)
+python benchmark.py --orders all --seeds 0,1,2 --agreed-prefix --out results/orders-agreed
 # controls: demonstrations in the model's own style; a base that never met the new skills
 python benchmark.py --demo-style own --seeds 0,1,2 --out results/own
 python benchmark.py --p-new 0 --base results/base-unseen/ckpt.pt --seeds 0,1,2 --out results/unseen
