@@ -41,7 +41,7 @@ import torch
 
 from data import NEW_SKILLS, PRIOR_SKILLS, Tokenizer, parse_skills, world_signature
 from eval import evaluate
-from jobs import BASE_SETTINGS, LR, check_base, clock, flags, pretrain_base, run_script
+from jobs import BASE_SETTINGS, LR, check_base, clock, flags, mean_sd, pretrain_base, run_script
 from model import load_checkpoint
 
 
@@ -210,10 +210,6 @@ os.replace(tmp, os.path.join(args.out, "results.json"))  # never a half-written 
 
 def prior_avg(accuracy):
     return sum(accuracy[s] for s in prior) / len(prior)
-
-
-def mean_sd(values):
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def group(order, method, lr):

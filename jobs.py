@@ -4,7 +4,9 @@ started as a subprocess with one thread, so there is one implementation of each 
 CPU run repeats exactly whether runs go side by side or not.
 """
 
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +61,27 @@ def run_script(script, *script_args, on_line=None):
     stderr = proc.stderr.read()
     if proc.wait() != 0:
         sys.exit(stderr.strip().splitlines()[-1] if stderr.strip() else f"error: {script} failed")
+
+
+def run_once(command, out, on_line=None, announce=None):
+    """Run a script command [script, *args] whose --out is out, unless out already holds a
+    finished run of this very command (out/command.json, written when it ends): studies reuse
+    each other's runs, and a changed command runs again. announce: printed when it does run."""
+    done = os.path.join(out, "command.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            if json.load(f) == command:
+                return
+    if announce:
+        print(announce, flush=True)
+    run_script(*command, on_line=on_line)
+    with open(done, "w") as f:
+        json.dump(command, f)
+
+
+def mean_sd(values):
+    """'0.97 ± 0.01' over seeds (sd only when there are several), as the tables print them."""
+    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def pretrain_base(path, settings, on_line=None):

@@ -35,7 +35,7 @@ import torch
 
 from data import CONTEXTS, MAX_FACTS, PRIOR_SKILLS, Tokenizer, knowledge_facts
 from eval import evaluate, knowledge_accuracy
-from jobs import BASE_SETTINGS, check_base, clock, every, flags, pretrain_base, run_script
+from jobs import BASE_SETTINGS, check_base, clock, every, flags, mean_sd, pretrain_base, run_once
 from model import load_checkpoint
 
 # The knowledge base: the skills base's recipe, with 40% of the batches knowledge examples and
@@ -121,12 +121,7 @@ def train(base, method, context, n, seed):
     out = os.path.join(args.out, "runs", name)
     command = [script, "--init", base, "--facts", str(n), "--seed", str(seed), "--lr", str(LR[method]),
                *method_flags, *flags(FINETUNE), "--out", out]
-    done = os.path.join(out, "command.json")
-    if not (os.path.exists(done) and json.load(open(done)) == command):
-        print(f"{name} ({clock(time.time() - t_start)} elapsed)", flush=True)
-        run_script(*command, on_line=every())
-        with open(done, "w") as f:
-            json.dump(command, f)
+    run_once(command, out, on_line=every(), announce=f"{name} ({clock(time.time() - t_start)} elapsed)")
     stage = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
     accuracy = stage["accuracy"]
     return {"method": method, "context": context, "n_facts": n, "seed": seed, "steps": stage["steps"],
@@ -135,10 +130,6 @@ def train(base, method, context, n, seed):
 
 # -----------------------------------------------------------------------------
 # tables and plots
-
-def mean_sd(values):
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
-
 
 def table(records):
     """| facts | method | context | direct | indirect | prior average | steps | paper |, mean ± sd over seeds,

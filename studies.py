@@ -34,7 +34,7 @@ import torch
 
 from data import NEW_SKILLS, PRIOR_SKILLS, Tokenizer, eval_queries, parse_skills
 from eval import evaluate, inspect_step, pass_at_k, plot_inspect
-from jobs import BASE_SETTINGS, LR, check_base, clock, every, flags, pretrain_base, run_script
+from jobs import BASE_SETTINGS, LR, check_base, clock, every, flags, mean_sd, pretrain_base, run_once
 from model import load_checkpoint
 
 STUDIES = ["onpolicy", "teacher", "divergence", "baselines", "size", "passk", "law", "inside"]
@@ -166,11 +166,7 @@ def run(variant, skill, seed, base=None):
     else:
         script, settings, _ = VARIANTS[variant]
         command = [script, "--init", base, "--skills", skill, "--seed", str(seed), *flags(FINETUNE | settings), "--out", out]
-    done = os.path.join(out, "command.json")
-    if not (os.path.exists(done) and json.load(open(done)) == command):
-        run_script(*command, on_line=lambda line: progress(name, line))
-        with open(done, "w") as f:
-            json.dump(command, f)
+    run_once(command, out, on_line=lambda line: progress(name, line))
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     stages = [r for r in records if "accuracy" in r]
     result = {"out": out, "accuracy": stages[-1]["accuracy"], "steps": sum(r["steps"] for r in stages),
@@ -231,10 +227,6 @@ def base_accuracy(base):
 
 # -----------------------------------------------------------------------------
 # tables and plots
-
-def mean_sd(values):
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
-
 
 def variant_table(study, records, variants, extra_columns=()):
     """| variant | each skill | new mean | prior average | kl_from_base | steps | paper |, mean ± sd over seeds."""
