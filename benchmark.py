@@ -63,6 +63,7 @@ parser.add_argument("--lr-sft", default=str(LR["sft"]), help="peak learning rate
 parser.add_argument("--lr-sdft", default=str(LR["sdft"]), help="peak learning rate of SDFT; a comma-separated list gives a sweep")
 parser.add_argument("--steps", type=int, default=300, help="step budget per skill")
 parser.add_argument("--eval-n", type=int, default=100, help="queries per skill for validation and test accuracy")
+parser.add_argument("--stop-at", type=float, default=0.95, help="a stage ends when its skill's validation accuracy reaches this")
 parser.add_argument("--p-new", type=float, default=0.1, help="pretraining: how often the base meets each new skill, "
                     "plainly and answered right 40%% of the time (0: never; the control in which both methods forget)")
 parser.add_argument("--agreed-prefix", action="store_true", help="SDFT counts only the tokens up to the first one the "
@@ -90,6 +91,8 @@ try:
     lrs = {"sft": numbers(args.lr_sft, "--lr-sft", float), "sdft": numbers(args.lr_sdft, "--lr-sdft", float)}
     if args.steps <= 0 or args.eval_n <= 0 or args.jobs <= 0:
         raise ValueError("--steps, --eval-n and --jobs must be positive")
+    if not 0 < args.stop_at <= 1:
+        raise ValueError(f"--stop-at must be in (0, 1], got {args.stop_at}")
     if not 0 <= args.p_new * len(NEW_SKILLS) <= 1:  # a share per new skill, as in train_sft.py
         raise ValueError(f"--p-new must be in [0, 1/{len(NEW_SKILLS)}] (one share per new skill), got {args.p_new}")
     skills = parse_skills(args.skills)
@@ -105,10 +108,10 @@ except OSError as e:
 
 # pretraining settings: a base is used only when they, and the world, match
 PRETRAIN = BASE_SETTINGS | {"p_new": args.p_new}
-FINETUNE = {"steps": args.steps, "eval_n": args.eval_n}
+FINETUNE = {"steps": args.steps, "eval_n": args.eval_n, "stop_at": args.stop_at}
 if args.quick:
     PRETRAIN |= {"steps": 200, "n_layer": 1, "n_head": 2, "n_embd": 32}
-    FINETUNE = {"steps": 6, "eval_n": 8, "eval_every": 3}
+    FINETUNE = {"steps": 6, "eval_n": 8, "eval_every": 3, "stop_at": args.stop_at}
 prior, new = list(PRIOR_SKILLS), list(NEW_SKILLS)
 sdft_flags = {"sft": [], "sdft": ["--agreed-prefix"] if args.agreed_prefix else []}
 NAMES = {"sft": "SFT", "sdft": "SDFT (agreed prefix)" if args.agreed_prefix else "SDFT"}

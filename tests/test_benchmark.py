@@ -86,14 +86,15 @@ def test_base_is_weights_only_and_reused(quick):
     assert base.stat().st_mtime_ns == before
 
 
-def test_agreed_prefix_reaches_the_sdft_runs_only(quick):
+def test_agreed_prefix_reaches_the_sdft_runs_only_and_stop_at_both(quick):
     tmp, _ = quick
     out = tmp / "agreed"
     proc = run_benchmark("--quick", "--seeds", "0", "--skills", TWO[0], "--out", out, "--base", tmp / "base" / "ckpt.pt",
-                         "--agreed-prefix")
+                         "--agreed-prefix", "--stop-at", "0.5")
     assert proc.returncode == 0, proc.stderr
     runs = {p.name.split("-")[0]: torch.load(p / "ckpt.pt", weights_only=False)["args"] for p in (out / "runs").iterdir()}
     assert runs["sdft"]["agreed_prefix"] is True and "agreed_prefix" not in runs["sft"]
+    assert runs["sdft"]["stop_at"] == runs["sft"]["stop_at"] == 0.5
     assert "SDFT (agreed prefix)" in (out / "table.md").read_text()
 
 
@@ -133,6 +134,7 @@ def test_no_base_without_pretrain(tmp_path):
     (["--seeds", "a,b"], "--seeds"),
     (["--lr-sdft", "-1"], "--lr-sdft"),
     (["--lr-sft", "x"], "--lr-sft"),
+    (["--stop-at", "1.5"], "--stop-at"),
     (["--out", "/proc/no-such-dir/out"], "--out"),
 ])
 def test_bad_input(quick, flags, needle):
