@@ -46,7 +46,9 @@ KNOWLEDGE_BASE_SETTINGS = BASE_SETTINGS | {"steps": 7000, "p_knowledge": 0.4}
 # skills' rates (jobs.LR) being too low for SDFT here: its student starts ~3.8 nats/token from the
 # teacher, whose fact it does not know. CPT learns no fact at any of them, so it gets the highest.
 LR = {"cpt": 1e-4, "sft": 3e-5, "sdft": 1e-4}
-METHODS = [("base", "-"), ("oracle", "-"), ("cpt", "-"), ("sft", "-")] + [("sdft", c) for c in CONTEXTS]
+# (method, context, variant); the variant "agreed-prefix" is train_sdft.py --agreed-prefix (not in the paper)
+METHODS = ([("base", "-", "-"), ("oracle", "-", "-"), ("cpt", "-", "-"), ("sft", "-", "-")]
+           + [("sdft", c, "-") for c in CONTEXTS] + [("sdft", "doc+answer", "agreed-prefix")])
 PAPER = {("base", "-"): "0 / 0 / 0", ("oracle", "-"): "91 / 100 / 100", ("cpt", "-"): "9 / 37 / 7",
          ("sft", "-"): "80 / 95 / 80", ("sdft", "doc+answer"): "89 / 100 / 98 (App. A.2: 89)",
          ("sdft", "doc"): "App. A.2: 75", ("sdft", "answer"): "App. A.2: between 75 and 89"}
@@ -63,9 +65,10 @@ args = parser.parse_args()
 args.out = args.out or ("runs/knowledge-quick" if args.quick else "results/knowledge")
 base_settings = KNOWLEDGE_BASE_SETTINGS
 FINETUNE = {"steps": 300, "eval_n": 100, "stop_at": 1}  # stop_at 1: when every fact is answered directly
+STEPS_PER_FACT = 30  # the budget grows with the facts: max(steps, 30 n); 10 facts took SFT and SDFT ~90 steps
 if args.quick:
     base_settings = KNOWLEDGE_BASE_SETTINGS | {"steps": 20, "n_layer": 1, "n_head": 2, "n_embd": 32}
-    FINETUNE = {"steps": 2, "eval_n": 4, "eval_every": 1, "batch_size": 4, "stop_at": 1}
+    FINETUNE, STEPS_PER_FACT = {"steps": 2, "eval_n": 4, "eval_every": 1, "batch_size": 4, "stop_at": 1}, 0
 args.base = args.base or (os.path.join(args.out, "base.pt") if args.quick else "results/base-knowledge/ckpt.pt")
 try:
     n_facts = [int(n) for n in args.facts.split(",") if n.strip()]
@@ -107,24 +110,30 @@ def evaluate_base(base, n, seed):
     model = load_checkpoint(base, device)[0]
     prior = prior_average(evaluate(model, tok, list(PRIOR_SKILLS), device, n=FINETUNE["eval_n"]))
     facts = knowledge_facts(n, seed)
-    return [{"method": method, "context": "-", "n_facts": n, "seed": seed, "steps": 0, "prior_average": prior,
+    return [{"method": method, "context": "-", "variant": "-", "n_facts": n, "seed": seed, "steps": 0, "prior_average": prior,
              **{kind: knowledge_accuracy(model, tok, facts, device, kind, context) for kind in ("direct", "indirect")}}
             for method, context in (("base", None), ("oracle", "doc"))]
 
 
-def train(base, method, context, n, seed):
+def budget(n):
+    return max(FINETUNE["steps"], STEPS_PER_FACT * n)
+
+
+def train(base, method, context, variant, n, seed):
     """One run of a training script on the n facts of the seed; its record, from the last line of
     its metrics.jsonl (the end-of-stage evaluation)."""
     script, method_flags = {"cpt": ("train_sft.py", ["--cpt"]), "sft": ("train_sft.py", []),
                             "sdft": ("train_sdft.py", ["--context", context])}[method]
-    name = f"{method}{'' if context == '-' else '-' + context}-{n}facts-seed{seed}"
+    if variant == "agreed-prefix":
+        method_flags.append("--agreed-prefix")
+    name = f"{method}{'' if context == '-' else '-' + context}{'' if variant == '-' else '-' + variant}-{n}facts-seed{seed}"
     out = os.path.join(args.out, "runs", name)
     command = [script, "--init", base, "--facts", str(n), "--seed", str(seed), "--lr", str(LR[method]),
-               *method_flags, *flags(FINETUNE), "--out", out]
+               *method_flags, *flags(FINETUNE | {"steps": budget(n)}), "--out", out]
     run_once(command, out, on_line=every(), announce=f"{name} ({clock(time.time() - t_start)} elapsed)")
     stage = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
     accuracy = stage["accuracy"]
-    return {"method": method, "context": context, "n_facts": n, "seed": seed, "steps": stage["steps"],
+    return {"method": method, "context": context, "variant": variant, "n_facts": n, "seed": seed, "steps": stage["steps"],
             "direct": accuracy["direct"], "indirect": accuracy["indirect"], "prior_average": prior_average(accuracy)}
 
 
@@ -134,30 +143,39 @@ def train(base, method, context, n, seed):
 def table(records):
     """| facts | method | context | direct | indirect | prior average | steps | paper |, mean ± sd over seeds,
     then the issue's goals, met or not, per number of facts."""
-    rows = ["| facts | method | context | direct | indirect (OOD) | prior average | steps | paper: strict / lenient / OOD |",
+    rows = ["| facts | method | context | direct | indirect (OOD) | prior average | steps (budget) | paper: strict / lenient / OOD |",
             "|---|---|---|---|---|---|---|---|"]
     mean = {}
     for n in n_facts:
-        for method, context in METHODS:
-            rs = [r for r in records if (r["method"], r["context"], r["n_facts"]) == (method, context, n)]
-            mean[n, method, context] = {k: statistics.mean(r[k] for r in rs) for k in ("direct", "indirect", "prior_average")}
-            rows.append(f"| {n} | {method} | {context} | {mean_sd([r['direct'] for r in rs])} | "
+        for method, context, variant in METHODS:
+            rs = [r for r in records if (r["method"], r["context"], r["variant"], r["n_facts"]) == (method, context, variant, n)]
+            mean[n, method, context, variant] = {k: statistics.mean(r[k] for r in rs) for k in ("direct", "indirect", "prior_average")}
+            name = method if variant == "-" else f"{method} +{variant}"
+            paper = PAPER[method, context] if variant == "-" else "not in the paper"
+            steps = f"{statistics.mean(r['steps'] for r in rs):.0f}" + (f" ({budget(n)})" if method in ("cpt", "sft", "sdft") else "")
+            rows.append(f"| {n} | {name} | {context} | {mean_sd([r['direct'] for r in rs])} | "
                         f"{mean_sd([r['indirect'] for r in rs])} | {mean_sd([r['prior_average'] for r in rs])} | "
-                        f"{statistics.mean(r['steps'] for r in rs):.0f} | {PAPER[method, context]} |")
+                        f"{steps} | {paper} |")
     rows += ["", "| facts | goal | met |", "|---|---|---|"]
     for n in n_facts:
-        sdft, sft, oracle, base, cpt = (mean[n, m, c] for m, c in (("sdft", "doc+answer"), ("sft", "-"), ("oracle", "-"),
-                                                                  ("base", "-"), ("cpt", "-")))
-        goals = [(f"SDFT indirect within 0.1 of the oracle ({sdft['indirect']:.2f} vs {oracle['indirect']:.2f})",
-                  sdft["indirect"] >= oracle["indirect"] - 0.1),
-                 (f"SDFT indirect >= SFT + 0.15 ({sdft['indirect']:.2f} vs {sft['indirect']:.2f})",
-                  sdft["indirect"] >= sft["indirect"] + 0.15),
-                 (f"SDFT direct >= SFT ({sdft['direct']:.2f} vs {sft['direct']:.2f})", sdft["direct"] >= sft["direct"]),
-                 (f"SDFT prior average >= 0.9 of the base's ({sdft['prior_average']:.2f} vs {base['prior_average']:.2f})",
-                  sdft["prior_average"] >= 0.9 * base["prior_average"]),
-                 (f"CPT barely learns to answer: direct below 0.2 ({cpt['direct']:.2f})", cpt["direct"] < 0.2)]
-        rows += [f"| {n} | {goal} | {'yes' if met else 'no'} |" for goal, met in goals]
+        sft, oracle, base, cpt = (mean[n, m, "-", "-"] for m in ("sft", "oracle", "base", "cpt"))
+        for variant in ("-", "agreed-prefix"):
+            rows += [f"| {n} | {goal}{'' if variant == '-' else ' (+agreed-prefix)'} | {'yes' if met else 'no'} |"
+                     for goal, met in goals(mean[n, "sdft", "doc+answer", variant], sft, oracle, base)]
+        rows.append(f"| {n} | CPT barely learns to answer: direct below 0.2 ({cpt['direct']:.2f}) | "
+                    f"{'yes' if cpt['direct'] < 0.2 else 'no'} |")
     return rows
+
+
+def goals(sdft, sft, oracle, base):
+    """The issue's goals for SDFT (teacher sees document and answer): [(sentence with the figures, met)]."""
+    return [(f"SDFT indirect within 0.1 of the oracle ({sdft['indirect']:.2f} vs {oracle['indirect']:.2f})",
+             sdft["indirect"] >= oracle["indirect"] - 0.1),
+            (f"SDFT indirect >= SFT + 0.15 ({sdft['indirect']:.2f} vs {sft['indirect']:.2f})",
+             sdft["indirect"] >= sft["indirect"] + 0.15),
+            (f"SDFT direct >= SFT ({sdft['direct']:.2f} vs {sft['direct']:.2f})", sdft["direct"] >= sft["direct"]),
+            (f"SDFT prior average >= 0.9 of the base's ({sdft['prior_average']:.2f} vs {base['prior_average']:.2f})",
+             sdft["prior_average"] >= 0.9 * base["prior_average"])]
 
 
 def draw(records, path):
@@ -169,13 +187,14 @@ def draw(records, path):
 
     fig, axes = plt.subplots(1, len(n_facts), figsize=(6 * len(n_facts), 3.5), squeeze=False)
     for ax, n in zip(axes[0], n_facts):
-        for i, (method, context) in enumerate(METHODS):
-            rs = [r for r in records if (r["method"], r["context"], r["n_facts"]) == (method, context, n)]
+        for i, (method, context, variant) in enumerate(METHODS):
+            rs = [r for r in records if (r["method"], r["context"], r["variant"], r["n_facts"]) == (method, context, variant, n)]
             for j, (key, color) in enumerate((("direct", "tab:green"), ("indirect", "tab:orange"), ("prior_average", "tab:blue"))):
                 values = [r[key] for r in rs]
                 ax.bar(i + 0.27 * (j - 1), statistics.mean(values), width=0.27, color=color, label=key if i == 0 else None,
                        yerr=statistics.stdev(values) if len(values) > 1 else None)
-        ax.set_xticks(range(len(METHODS)), [m if c == "-" else f"sdft\n{c}" for m, c in METHODS], fontsize=8)
+        ax.set_xticks(range(len(METHODS)), [m if c == "-" else f"sdft\n{c}" + ("\n+agreed" if v != "-" else "")
+                                            for m, c, v in METHODS], fontsize=8)
         ax.set_ylim(0, 1.2)  # room for the legend
         ax.set_title(f"{n} facts learned at once ({len(seeds)} seeds)")
     axes[0][0].set_ylabel("accuracy")
@@ -193,9 +212,9 @@ records = []
 for n in n_facts:
     for seed in seeds:
         records += evaluate_base(base, n, seed)
-        records += [train(base, method, context, n, seed) for method, context in METHODS if method not in ("base", "oracle")]
+        records += [train(base, *method, n, seed) for method in METHODS if method[0] not in ("base", "oracle")]
 rows = table(records)
-results = {"config": {"facts": n_facts, "seeds": seeds, "finetune": FINETUNE, "lr": LR, "base": base,
+results = {"config": {"facts": n_facts, "seeds": seeds, "finetune": FINETUNE, "steps_per_fact": STEPS_PER_FACT, "lr": LR, "base": base,
                       "base_settings": base_settings, "max_facts": MAX_FACTS, "quick": args.quick}, "runs": records}
 with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
     json.dump(results, f, indent=1)

@@ -27,7 +27,7 @@ from data import (CONTEXTS, FACTS_PER_DOC, INDIRECT_SKILLS, KNOWN_FACTS, MAX_FAC
                   document_examples, documents, encode_prompts, entity_split, fact_examples, fact_prompts,
                   knowledge_facts, knowledge_pretrain_examples, knowledge_questions, pretrain_examples, sft_batch)
 from model import load_checkpoint  # noqa: E402
-from sdft import loss_mask, masked_mean, per_token_divergence, rollout, score  # noqa: E402
+from sdft import agreed_prefix, loss_mask, masked_mean, per_token_divergence, rollout, score  # noqa: E402
 
 TOK = Tokenizer()
 FACTS = [("zorpxl", "cabd"), ("qtuvwk", "hgf"), ("nmlkos", "jide"), ("wyxvus", "bdf")]
@@ -121,8 +121,9 @@ def quick(tmp_path_factory):
 
 def test_knowledge_writes_one_record_per_run(quick):
     runs = json.loads((quick / "results.json").read_text())["runs"]
-    assert {(r["method"], r["context"]) for r in runs} == {("base", "-"), ("oracle", "-"), ("cpt", "-"), ("sft", "-")} | {
-        ("sdft", c) for c in CONTEXTS}
+    assert {(r["method"], r["context"], r["variant"]) for r in runs} == {
+        ("base", "-", "-"), ("oracle", "-", "-"), ("cpt", "-", "-"), ("sft", "-", "-"),
+        ("sdft", "doc+answer", "agreed-prefix")} | {("sdft", c, "-") for c in CONTEXTS}
     for r in runs:
         assert r["n_facts"] == 3 and r["seed"] == 0
         assert all(0 <= r[k] <= 1 for k in ("direct", "indirect", "prior_average"))
@@ -143,14 +144,17 @@ def sft_loss(model, prompts, targets):
     return ((token_loss * weights).sum() / weights.sum()).item()
 
 
-def sdft_loss(model, facts, context, seed):
+def sdft_loss(model, facts, context, seed, agreed=False):
     students, _, teachers = fact_examples(random.Random(seed), facts, 4, context)
     s_ids, s_mask = encode_prompts(TOK, students)
     t_ids, t_mask = encode_prompts(TOK, teachers)
     with torch.no_grad():  # at step 0 the EMA teacher is the student
         completion, completion_mask = rollout(model, s_ids, s_mask, 32, TOK.eot_id, torch.Generator().manual_seed(seed))
         student_logits, teacher_logits = score(model, model, s_ids, s_mask, t_ids, t_mask, completion, completion_mask)
-    return masked_mean(per_token_divergence(student_logits, teacher_logits), loss_mask(completion_mask, 0)).item()
+    mask = loss_mask(completion_mask, 0)
+    if agreed:
+        mask = mask * agreed_prefix(completion, teacher_logits, completion_mask)
+    return masked_mean(per_token_divergence(student_logits, teacher_logits), mask).item()
 
 
 def test_scripts_compute_what_they_say(quick):
@@ -166,6 +170,8 @@ def test_scripts_compute_what_they_say(quick):
     losses = [first_loss(run(f"sdft-{c}")) for c in CONTEXTS]
     assert losses == pytest.approx([sdft_loss(model, facts, c, seed) for c in CONTEXTS], rel=1e-5, abs=1e-6)
     assert len(set(losses)) == len(losses)  # what the teacher sees changes the loss
+    agreed = first_loss(run("sdft-doc+answer-agreed-prefix"))
+    assert agreed == pytest.approx(sdft_loss(model, facts, "doc+answer", seed, agreed=True), rel=1e-5, abs=1e-6)
     stage = json.loads((run("sft") / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"direct", "indirect", "rev"} <= set(stage["accuracy"]) and stage["kl_from_base"] is None
 
