@@ -2,8 +2,8 @@
 Knowledge acquisition in miniature: learning facts from documents (the paper's Table 1, and its
 teacher-context ablation, App. A.2), one command.
 
-    python knowledge.py                       # 10 facts, 3 seeds, every method (~4 min on 2 CPU cores)
-    python knowledge.py --facts 10,50         # the number of facts learned at once (~9 min: results/knowledge)
+    python knowledge.py                       # 10 facts, 3 seeds, every method (~5 min on 2 CPU cores)
+    python knowledge.py --facts 10,50         # the number of facts learned at once (~50 min: results/knowledge)
     python knowledge.py --quick               # a tiny check of the pipeline: shows nothing
 
 From the knowledge base (results/base-knowledge/ckpt.pt: the skills mixture plus knowledge
@@ -18,9 +18,11 @@ The methods: base (nothing learned), oracle (the base with the fact's document i
 evaluated, not trained), CPT (train_sft.py --cpt: next-token training on the documents), SFT
 (train_sft.py: on the direct question-answer pairs) and SDFT (train_sdft.py: the student sees the
 direct question, the teacher sees the document and the answer before it, or one of the two:
---context doc+answer | doc | answer). A run ends when every fact is answered directly or the
-budget runs out. Writes OUT/results.json (one record per run: method, context, n_facts, seed,
-direct, indirect, prior_average, steps), OUT/table.md and OUT/knowledge.png; the runs go to
+--context doc+answer | doc | answer), and beside them SDFT +agreed-prefix (teacher sees document
+and answer; train_sdft.py --agreed-prefix, not in the paper). A run ends when every fact is
+answered directly or its budget, 30 steps per fact and at least 300, runs out. Writes
+OUT/results.json (one record per run: method, context, variant, n_facts, seed, direct,
+indirect, prior_average, steps), OUT/table.md and OUT/knowledge.png; the runs go to
 OUT/runs and are reused when their command has not changed.
 """
 

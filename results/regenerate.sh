@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate every result under results/ from the shipped base models:
 #
-#     bash results/regenerate.sh          # about 2 h on 2 CPU cores
+#     bash results/regenerate.sh          # about 3 h on 2 CPU cores
 #
 # Every training run uses one thread (benchmark.py sees to it), so the figures repeat exactly
 # on a machine whose CPU sums as this one did; results/README.md copies its tables from each
@@ -30,5 +30,5 @@ python benchmark.py --p-new 0 --base results/base-unseen/ckpt.pt --seeds 0,1,2 -
 # why it works: the paper's ablations and baselines, each skill learned alone, 3 seeds
 # (results/studies; the two smaller bases of the size study are committed, and made again if missing)
 python studies.py all
-# knowledge from documents (the paper's Table 1), on its own base, 10 and 50 facts, 3 seeds (~9 min)
+# knowledge from documents (the paper's Table 1), on its own base, 10 and 50 facts, 3 seeds (~50 min)
 python knowledge.py --facts 10,50
