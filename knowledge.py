@@ -3,7 +3,7 @@ Knowledge acquisition in miniature: learning facts from documents (the paper's T
 teacher-context ablation, App. A.2), one command.
 
     python knowledge.py                       # 10 facts, 3 seeds, every method (~5 min on 2 CPU cores)
-    python knowledge.py --facts 10,50         # the number of facts learned at once (~50 min: results/knowledge)
+    python knowledge.py --facts 10,50         # the number of facts learned at once (results/knowledge; 50 min one run at a time)
     python knowledge.py --quick               # a tiny check of the pipeline: shows nothing
 
 From the knowledge base (results/base-knowledge/ckpt.pt: the skills mixture plus knowledge
@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -62,6 +63,7 @@ parser.add_argument("--out", default=None, help="directory for the results (defa
                     "or runs/knowledge-quick with --quick)")
 parser.add_argument("--base", default=None, help="the knowledge base (default: results/base-knowledge/ckpt.pt, "
                     "pretrained if missing; with --quick: OUT/base.pt)")
+parser.add_argument("--jobs", type=int, default=2, help="training runs side by side (one thread each: the results do not depend on it)")
 parser.add_argument("--quick", action="store_true", help="tiny model and budget: checks the pipeline, shows nothing")
 args = parser.parse_args()
 args.out = args.out or ("runs/knowledge-quick" if args.quick else "results/knowledge")
@@ -77,6 +79,8 @@ try:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not n_facts or not seeds:
         raise ValueError("--facts and --seeds must each list at least one number")
+    if args.jobs <= 0:
+        raise ValueError(f"--jobs must be positive, got {args.jobs}")
     for n in n_facts:
         knowledge_facts(n, 0)  # one sentence if the world cannot make n distinct facts
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
@@ -132,7 +136,7 @@ def train(base, method, context, variant, n, seed):
     out = os.path.join(args.out, "runs", name)
     command = [script, "--init", base, "--facts", str(n), "--seed", str(seed), "--lr", str(LR[method]),
                *method_flags, *flags(FINETUNE | {"steps": budget(n)}), "--out", out]
-    run_once(command, out, on_line=every(), announce=f"{name} ({clock(time.time() - t_start)} elapsed)")
+    run_once(command, out, on_line=every(prefix=f"  {name}: "), announce=f"{name} ({clock(time.time() - t_start)} elapsed)")
     stage = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
     accuracy = stage["accuracy"]
     return {"method": method, "context": context, "variant": variant, "n_facts": n, "seed": seed, "steps": stage["steps"],
@@ -210,11 +214,14 @@ def draw(records, path):
 # the study
 
 base = get_base()
+jobs = [(method, n, seed) for n in n_facts for seed in seeds for method in METHODS if method[0] not in ("base", "oracle")]
+with ThreadPoolExecutor(args.jobs) as pool:  # each run is a process with one thread
+    trained = dict(zip(jobs, pool.map(lambda job: train(base, *job[0], job[1], job[2]), jobs)))
 records = []
 for n in n_facts:
     for seed in seeds:
         records += evaluate_base(base, n, seed)
-        records += [train(base, *method, n, seed) for method in METHODS if method[0] not in ("base", "oracle")]
+        records += [trained[method, n, seed] for method in METHODS if method[0] not in ("base", "oracle")]
 rows = table(records)
 results = {"config": {"facts": n_facts, "seeds": seeds, "finetune": FINETUNE, "steps_per_fact": STEPS_PER_FACT, "lr": LR, "base": base,
                       "base_settings": base_settings, "max_facts": MAX_FACTS, "quick": args.quick}, "runs": records}

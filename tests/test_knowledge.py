@@ -183,6 +183,7 @@ BAD_INPUTS = [  # (script and flags, text the error line must contain)
     (["train_sft.py", "--p-knowledge", "0.5"], "--p-knowledge"),
     (["knowledge.py", "--facts", f"10,{MAX_FACTS + 1}"], "distinct facts"),
     (["knowledge.py", "--facts", "ten"], "comma-separated integers"),
+    (["knowledge.py", "--jobs", "0"], "--jobs must be positive"),
 ]
 
 
