@@ -172,6 +172,7 @@ def test_scripts_compute_what_they_say(quick):
     assert len(set(losses)) == len(losses)  # what the teacher sees changes the loss
     agreed = first_loss(run("sdft-doc+answer-agreed-prefix"))
     assert agreed == pytest.approx(sdft_loss(model, facts, "doc+answer", seed, agreed=True), rel=1e-5, abs=1e-6)
+    assert agreed != pytest.approx(losses[CONTEXTS.index("doc+answer")])  # the mask changes what is counted
     stage = json.loads((run("sft") / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"direct", "indirect", "rev"} <= set(stage["accuracy"]) and stage["kl_from_base"] is None
 
