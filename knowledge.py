@@ -2,7 +2,7 @@
 Knowledge acquisition in miniature: learning facts from documents (the paper's Table 1, and its
 teacher-context ablation, App. A.2), one command.
 
-    python knowledge.py                       # 10 facts, 3 seeds, every method (~5 min on 2 CPU cores)
+    python knowledge.py                       # 10 facts, 3 seeds, every method (2.5 min on 2 CPU cores)
     python knowledge.py --facts 10,50         # the number of facts learned at once (results/knowledge; 50 min one run at a time)
     python knowledge.py --quick               # a tiny check of the pipeline: shows nothing
 
