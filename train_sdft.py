@@ -171,10 +171,14 @@ try:
     query = LETTERS[:MAX_LEN]  # a longest query: the teacher scores [teacher prompt | rollout]
     teachers = ([t for _, _, t in fact_prompts(facts, args.context)] if facts else
                 [teacher_prompt(s, query, demonstration(SKILLS[s](query), args.demo_style)) for s in skills])
+    if teacher_model.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"--teacher-ckpt {args.teacher_ckpt} has {teacher_model.config.vocab_size} tokens, --init "
+                         f"{model.config.vocab_size}: the teacher must score the student's tokens")
     longest = max(len(tok.encode(t)) for t in teachers)
-    if longest + args.max_new_tokens > model.config.block_size:
+    block_size = min(model.config.block_size, teacher_model.config.block_size)
+    if longest + args.max_new_tokens > block_size:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit: the teacher prompt takes up to "
-                         f"{longest} of the model's {model.config.block_size} positions")
+                         f"{longest} of the model's {block_size} positions")
     if args.resume:  # everything is checked before anything in OUT is touched
         _, resume = load_checkpoint(ckpt_path, device)
         check_resume(resume, ckpt_path, model, skills, args, n_shards)

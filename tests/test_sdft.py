@@ -757,6 +757,7 @@ BAD_INPUTS = [  # (flags after --init BASE, text the error line must contain)
     (["--teacher-sees", "query"], "--teacher base"),
     (["--teacher-ckpt", "{missing}"], "--teacher base"),
     (["--teacher", "base", "--teacher-ckpt", "{missing}"], "no checkpoint"),
+    (["--teacher", "base", "--teacher-ckpt", "{other_vocab}"], "the teacher must score the student's tokens"),
     (["--alpha", "-0.1"], "--alpha"),
     (["--alpha", "1.5"], "--alpha"),
     (["--ema-rate", "0"], "--ema-rate"),
@@ -769,11 +770,14 @@ BAD_INPUTS = [  # (flags after --init BASE, text the error line must contain)
 
 def test_train_sdft_bad_input(base_ckpt):
     """Each bad input: non-zero exit, one line on stderr starting with 'error:', no traceback."""
-    missing = str(base_ckpt.parent / "missing.pt")
+    missing, other_vocab = str(base_ckpt.parent / "missing.pt"), str(base_ckpt.parent / "other-vocab.pt")
+    full = torch.load(base_ckpt, weights_only=False)  # a complete checkpoint of a model with another vocabulary
+    config = {**full["model_config"], "vocab_size": full["model_config"]["vocab_size"] + 8}
+    torch.save({**full, "model": GPT(GPTConfig(**config)).state_dict(), "model_config": config}, other_vocab)
     tiny = ["--skills", "rotl", "--steps", "1", "--eval-n", "2", "--batch-size", "2", "--max-new-tokens", "4"]
     # the tiny budget comes first, so the bad flag overrides it; a check that is missing makes a quick, clean run
     procs = [subprocess.Popen([sys.executable, "train_sdft.py", "--init", str(base_ckpt), *tiny,
-                               *[a.format(missing=missing) for a in flags], "--device", "cpu",
+                               *[a.format(missing=missing, other_vocab=other_vocab) for a in flags], "--device", "cpu",
                                "--out", str(base_ckpt.parent.parent / "bad")],
                               cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for flags, _ in BAD_INPUTS]  # side by side: each spends most of its time importing torch
