@@ -111,7 +111,7 @@ PRETRAIN = BASE_SETTINGS | {"p_new": args.p_new}
 FINETUNE = {"steps": args.steps, "eval_n": args.eval_n, "stop_at": args.stop_at}
 if args.quick:
     PRETRAIN |= {"steps": 200, "n_layer": 1, "n_head": 2, "n_embd": 32}
-    FINETUNE = {"steps": 6, "eval_n": 8, "eval_every": 3, "stop_at": args.stop_at}
+    FINETUNE |= {"steps": 6, "eval_n": 8, "eval_every": 3}
 prior, new = list(PRIOR_SKILLS), list(NEW_SKILLS)
 sdft_flags = {"sft": [], "sdft": ["--agreed-prefix"] if args.agreed_prefix else []}
 NAMES = {"sft": "SFT", "sdft": "SDFT (agreed prefix)" if args.agreed_prefix else "SDFT"}

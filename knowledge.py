@@ -146,6 +146,11 @@ def train(base, method, context, variant, n, seed):
 # -----------------------------------------------------------------------------
 # tables and plots
 
+def runs_of(records, method, n):
+    """The records of one (method, context, variant) with n facts, one per seed."""
+    return [r for r in records if (r["method"], r["context"], r["variant"]) == method and r["n_facts"] == n]
+
+
 def table(records):
     """| facts | method | context | direct | indirect | prior average | steps | paper |, mean ± sd over seeds,
     then the issue's goals, met or not, per number of facts."""
@@ -154,7 +159,7 @@ def table(records):
     mean = {}
     for n in n_facts:
         for method, context, variant in METHODS:
-            rs = [r for r in records if (r["method"], r["context"], r["variant"], r["n_facts"]) == (method, context, variant, n)]
+            rs = runs_of(records, (method, context, variant), n)
             mean[n, method, context, variant] = {k: statistics.mean(r[k] for r in rs) for k in ("direct", "indirect", "prior_average")}
             name = method if variant == "-" else f"{method} +{variant}"
             paper = PAPER[method, context] if variant == "-" else "not in the paper"
@@ -194,7 +199,7 @@ def draw(records, path):
     fig, axes = plt.subplots(1, len(n_facts), figsize=(6 * len(n_facts), 3.5), squeeze=False)
     for ax, n in zip(axes[0], n_facts):
         for i, (method, context, variant) in enumerate(METHODS):
-            rs = [r for r in records if (r["method"], r["context"], r["variant"], r["n_facts"]) == (method, context, variant, n)]
+            rs = runs_of(records, (method, context, variant), n)
             for j, (key, color) in enumerate((("direct", "tab:green"), ("indirect", "tab:orange"), ("prior_average", "tab:blue"))):
                 values = [r[key] for r in rs]
                 ax.bar(i + 0.27 * (j - 1), statistics.mean(values), width=0.27, color=color, label=key if i == 0 else None,
