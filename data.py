@@ -385,6 +385,18 @@ def knowledge_questions(facts, kind, context=None):
             [final_answer(fact_answer(k, v)) for k, e, v, _ in asked])
 
 
+def knowledge_signature():
+    """A fingerprint of the knowledge world, as world_signature is of the skills': the question,
+    answer and document formats, the known facts, and a few examples of the base's knowledge
+    mixture. A knowledge base is used only for the world it was made for (knowledge.py)."""
+    probe = [("zorpxl", "cabd")]
+    formats = [knowledge_prompt(kind, "zorpxl", demonstration(fact_answer(kind, "cabd"), style), document(probe), context)
+               for kind in [DIRECT] + INDIRECT_SKILLS for context in CONTEXTS + [None] for style in ("own", "expert")]
+    world = {"formats": formats, "known": KNOWN_FACTS, "facts": knowledge_facts(3, 0), "per_doc": FACTS_PER_DOC,
+             "mixture": knowledge_pretrain_examples(random.Random(0), 16)}
+    return f"{zlib.crc32(json.dumps(world).encode()):08x}"
+
+
 def knowledge_pretrain_examples(rng, n, p_known=0.3):
     """n knowledge examples for the base. With probability p_known, a known fact (KNOWN_FACTS)
     asked plainly, of any kind: the base answers from its weights, as an LLM answers about what it

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from data import world_signature
+from data import knowledge_signature, world_signature
 from model import load_checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -94,6 +94,8 @@ def pretrain_base(path, settings, on_line=None):
         _, full = load_checkpoint(os.path.join(tmp, "ckpt.pt"))
     ckpt = {k: full[k] for k in ("model", "model_config", "args", "step", "stage", "skills", "stage_done")}
     ckpt["world"] = world_signature()
+    if settings.get("p_knowledge"):
+        ckpt["knowledge_world"] = knowledge_signature()
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -105,5 +107,7 @@ def check_base(ckpt, settings):
         return "it is not a finished pretraining run"
     if ckpt.get("world") != world_signature():
         return "it was pretrained for another toy world (data.py's skills, rivals or formats have changed since)"
+    if settings.get("p_knowledge") and ckpt.get("knowledge_world") != knowledge_signature():
+        return "it was pretrained for another knowledge world (data.py's facts, their formats or the knowledge mixture have changed since)"
     other = {k: ckpt["args"].get(k) for k, v in settings.items() if ckpt["args"].get(k) != v}
     return f"it was pretrained with other settings ({other})" if other else None

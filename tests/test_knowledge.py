@@ -197,3 +197,19 @@ def test_bad_input_is_one_error_line(tmp_path):
         assert proc.returncode != 0 and "Traceback" not in stderr, (command, stderr)
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (command, stderr)
     assert not (tmp_path / "bad" / "ckpt.pt").exists()
+
+
+def test_base_of_another_knowledge_world_is_refused(quick, tmp_path):
+    """A knowledge base made before the knowledge world changed (its formats or facts) is refused,
+    and left as it was: data.knowledge_signature, as data.world_signature is for the skills."""
+    ckpt = torch.load(quick / "base.pt", weights_only=True)
+    assert ckpt["knowledge_world"] == data.knowledge_signature()
+    ckpt["knowledge_world"] = "0" * 8
+    base = tmp_path / "base.pt"
+    torch.save(ckpt, base)
+    before = base.read_bytes()
+    proc = subprocess.run([sys.executable, "knowledge.py", "--quick", "--base", base, "--out", tmp_path / "out"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "another knowledge world" in lines[0], proc.stderr
+    assert base.read_bytes() == before
