@@ -275,6 +275,8 @@ def world_signature():
 # The indirect questions are the OOD column: answering one needs the new fact and an old skill,
 # and no method trains on them. A tiny model cannot recall and transform in one token, as an
 # LLM would not without reasoning, so the model's own answer writes the value first.
+# The question-answer pairs a run learns from come in the skills' demonstration styles: `own`
+# (`cabd`) or `expert` (`c a b d=cabd`, written by another policy, as the paper's pairs were).
 
 NAME_LETTERS, NAME_LEN = "klmnopqrstuvwxyz", 6
 # A run's document states one fact. The base pretrained on documents of 1 to PRETRAIN_DOC_FACTS facts
@@ -342,28 +344,30 @@ def fact_answer(kind, value):
     return value if kind == DIRECT else f"{value}={PRIOR_SKILLS[kind](value)}"
 
 
-def knowledge_prompt(kind, entity, answer, doc, context):
+def knowledge_prompt(kind, entity, demo, doc, context):
     """What the teacher sees, ending with the student's prompt `kind entity>`: the document and
     a demonstration of the answer ('doc+answer'), the document ('doc'), or the demonstration alone
     ('answer': the skills' teacher prompt); None: the student's prompt alone."""
     if context not in CONTEXTS + [None]:
         raise ValueError(f"unknown context '{context}' ({', '.join(CONTEXTS)})")
     question = student_prompt(kind, entity)
-    with_answer = teacher_prompt(kind, entity, answer)
+    with_answer = teacher_prompt(kind, entity, demo)
     return {None: question, "doc": f"{doc}\n{question}", "answer": with_answer,
             "doc+answer": f"{doc}\n{with_answer}"}[context]
 
 
-def fact_prompts(facts, context):
-    """Every fact asked directly: [(student prompt, answer, teacher prompt)], in the facts' order."""
+def fact_prompts(facts, context, style="own"):
+    """Every fact asked directly: [(student prompt, demonstration, teacher prompt)], in the facts'
+    order; the demonstration (SFT's target) is the value in the style ('own' or 'expert')."""
     docs = documents(facts)
-    return [(student_prompt(DIRECT, e), v, knowledge_prompt(DIRECT, e, v, docs[i // FACTS_PER_DOC], context))
-            for i, (e, v) in enumerate(facts)]
+    demos = [demonstration(v, style) for _, v in facts]
+    return [(student_prompt(DIRECT, e), d, knowledge_prompt(DIRECT, e, d, docs[i // FACTS_PER_DOC], context))
+            for i, ((e, v), d) in enumerate(zip(facts, demos))]
 
 
-def fact_examples(rng, facts, n, context):
-    """n of the facts, drawn with replacement, asked directly: (student prompts, answers, teacher prompts)."""
-    prompts = fact_prompts(facts, context)
+def fact_examples(rng, facts, n, context, style="own"):
+    """n of the facts, drawn with replacement, asked directly: (student prompts, demonstrations, teacher prompts)."""
+    prompts = fact_prompts(facts, context, style)
     picks = [rng.choice(prompts) for _ in range(n)]
     return tuple(list(column) for column in zip(*picks))
 
@@ -403,7 +407,8 @@ def knowledge_pretrain_examples(rng, n, p_known=0.3):
     read in pretraining. Otherwise a question about fresh throw-away facts with their document,
     a demonstration or both in context (the teacher's views): answers cannot be remembered, only
     read, which teaches the base to use a document, as random skills teach it to use a
-    demonstration. Evaluation entities never occur (entity_split)."""
+    demonstration (of a direct question in either style, as the skills' are). Evaluation
+    entities never occur (entity_split). The target is always the answer in the model's own style."""
     prompts, targets = [], []
     for _ in range(n):
         kind = rng.choice([DIRECT] + INDIRECT_SKILLS)
@@ -415,6 +420,7 @@ def knowledge_pretrain_examples(rng, n, p_known=0.3):
             facts = sample_facts(rng, rng.randint(1, PRETRAIN_DOC_FACTS), "pretrain", exclude=KNOWN_ENTITIES)
             entity, value = rng.choice(facts)
             answer = fact_answer(kind, value)
-            prompts.append(knowledge_prompt(kind, entity, answer, document(facts), rng.choice(CONTEXTS)))
+            demo = demonstration(answer, rng.choice(["own", "expert"]) if kind == DIRECT else "own")
+            prompts.append(knowledge_prompt(kind, entity, demo, document(facts), rng.choice(CONTEXTS)))
         targets.append(answer)
     return prompts, targets

@@ -4,6 +4,7 @@ teacher-context ablation, App. A.2), one command.
 
     python knowledge.py                       # 10 facts, 3 seeds, every method (2.5 min on 2 CPU cores)
     python knowledge.py --facts 10,50         # the number of facts learned at once (results/knowledge; 50 min one run at a time)
+    python knowledge.py --demo-style own --out results/knowledge-own   # pairs in the model's own style (the control)
     python knowledge.py --quick               # a tiny check of the pipeline: shows nothing
 
 From the knowledge base (results/base-knowledge/ckpt.pt: the skills mixture plus knowledge
@@ -18,10 +19,12 @@ The methods: base (nothing learned), oracle (the base with the fact's document i
 evaluated, not trained), CPT (train_sft.py --cpt: next-token training on the documents), SFT
 (train_sft.py: on the direct question-answer pairs) and SDFT (train_sdft.py: the student sees the
 direct question, the teacher sees the document and the answer before it, or one of the two:
---context doc+answer | doc | answer), and beside them SDFT +agreed-prefix (teacher sees document
+--context doc+answer | doc | answer), learning from pairs written in the expert's style
+(`what zorpxl>` -> `c a b d=cabd`, as the paper's pairs were written by another model; the
+default) or in the model's own (`cabd`: --demo-style own), and beside them SDFT +agreed-prefix (teacher sees document
 and answer; train_sdft.py --agreed-prefix, not in the paper). A run ends when every fact is
 answered directly or its budget, 30 steps per fact and at least 300, runs out. Writes
-OUT/results.json (one record per run: method, context, variant, n_facts, seed, direct,
+OUT/results.json (one record per run: method, context, variant, demo, n_facts, seed, direct,
 indirect, prior_average, steps), OUT/table.md and OUT/knowledge.png; the runs go to
 OUT/runs and are reused when their command has not changed.
 """
@@ -63,6 +66,8 @@ parser.add_argument("--out", default=None, help="directory for the results (defa
                     "or runs/knowledge-quick with --quick)")
 parser.add_argument("--base", default=None, help="the knowledge base (default: results/base-knowledge/ckpt.pt, "
                     "pretrained if missing; with --quick: OUT/base.pt)")
+parser.add_argument("--demo-style", default="expert", choices=["expert", "own"],
+                    help="style of the question-answer pairs SFT and SDFT learn from (data.fact_prompts)")
 parser.add_argument("--jobs", type=int, default=2, help="training runs side by side (one thread each: the results do not depend on it)")
 parser.add_argument("--quick", action="store_true", help="tiny model and budget: checks the pipeline, shows nothing")
 args = parser.parse_args()
@@ -116,7 +121,7 @@ def evaluate_base(base, n, seed):
     model = load_checkpoint(base, device)[0]
     prior = prior_average(evaluate(model, tok, list(PRIOR_SKILLS), device, n=FINETUNE["eval_n"]))
     facts = knowledge_facts(n, seed)
-    return [{"method": method, "context": "-", "variant": "-", "n_facts": n, "seed": seed, "steps": 0, "prior_average": prior,
+    return [{"method": method, "context": "-", "variant": "-", "demo": "-", "n_facts": n, "seed": seed, "steps": 0, "prior_average": prior,
              **{kind: knowledge_accuracy(model, tok, facts, device, kind, context) for kind in ("direct", "indirect")}}
             for method, context in (("base", None), ("oracle", "doc"))]
 
@@ -132,14 +137,16 @@ def train(base, method, context, variant, n, seed):
                             "sdft": ("train_sdft.py", ["--context", context])}[method]
     if variant == "agreed-prefix":
         method_flags.append("--agreed-prefix")
-    name = f"{method}{'' if context == '-' else '-' + context}{'' if variant == '-' else '-' + variant}-{n}facts-seed{seed}"
+    name = (f"{method}{'' if context == '-' else '-' + context}{'' if variant == '-' else '-' + variant}"
+            f"{'' if method == 'cpt' else '-' + args.demo_style}-{n}facts-seed{seed}")
     out = os.path.join(args.out, "runs", name)
     command = [script, "--init", base, "--facts", str(n), "--seed", str(seed), "--lr", str(LR[method]),
-               *method_flags, *flags(FINETUNE | {"steps": budget(n)}), "--out", out]
+               *method_flags, *([] if method == "cpt" else ["--demo-style", args.demo_style]), *flags(FINETUNE | {"steps": budget(n)}), "--out", out]
     run_once(command, out, on_line=every(prefix=f"  {name}: "), announce=f"{name} ({clock(time.time() - t_start)} elapsed)")
     stage = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
     accuracy = stage["accuracy"]
-    return {"method": method, "context": context, "variant": variant, "n_facts": n, "seed": seed, "steps": stage["steps"],
+    return {"method": method, "context": context, "variant": variant, "demo": "-" if method == "cpt" else args.demo_style,
+            "n_facts": n, "seed": seed, "steps": stage["steps"],
             "direct": accuracy["direct"], "indirect": accuracy["indirect"], "prior_average": prior_average(accuracy)}
 
 
@@ -228,7 +235,7 @@ for n in n_facts:
         records += evaluate_base(base, n, seed)
         records += [trained[method, n, seed] for method in METHODS if method[0] not in ("base", "oracle")]
 rows = table(records)
-results = {"config": {"facts": n_facts, "seeds": seeds, "finetune": FINETUNE, "steps_per_fact": STEPS_PER_FACT, "lr": LR, "base": base,
+results = {"config": {"facts": n_facts, "seeds": seeds, "finetune": FINETUNE, "steps_per_fact": STEPS_PER_FACT, "lr": LR, "demo_style": args.demo_style, "base": base,
                       "base_settings": base_settings, "max_facts": MAX_FACTS, "quick": args.quick}, "runs": records}
 with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
     json.dump(results, f, indent=1)

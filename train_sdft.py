@@ -169,7 +169,7 @@ try:
     model, _ = load_checkpoint(args.init, device)
     teacher_model = load_checkpoint(args.teacher_ckpt, device)[0] if args.teacher_ckpt else model
     query = LETTERS[:MAX_LEN]  # a longest query: the teacher scores [teacher prompt | rollout]
-    teachers = ([t for _, _, t in fact_prompts(facts, args.context)] if facts else
+    teachers = ([t for _, _, t in fact_prompts(facts, args.context, args.demo_style)] if facts else
                 [teacher_prompt(s, query, demonstration(SKILLS[s](query), args.demo_style)) for s in skills])
     if teacher_model.config.vocab_size != model.config.vocab_size:
         raise ValueError(f"--teacher-ckpt {args.teacher_ckpt} has {teacher_model.config.vocab_size} tokens, --init "
@@ -236,7 +236,7 @@ def eta(seconds, steps_done, steps_left):
 
 def get_batch(skill, data_rng):
     if skill == "knowledge":  # the facts asked directly; the teacher sees --context before the question
-        students, _, teachers = fact_examples(data_rng, facts, micro_batch_size, args.context)
+        students, _, teachers = fact_examples(data_rng, facts, micro_batch_size, args.context, args.demo_style)
     else:
         students, _, teachers = skill_examples(data_rng, skill, micro_batch_size, args.demo_style)
     if args.teacher_sees == "query":

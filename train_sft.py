@@ -237,8 +237,8 @@ def get_batch(skill, data_rng):
         prompts, targets = pretrain_examples(data_rng, micro_batch_size, p_new=args.p_new, p_right=args.p_right)
     elif skill == "knowledge" and args.cpt:  # continued pretraining: the documents, all of their text the target
         prompts, targets = document_examples(data_rng, facts, micro_batch_size)
-    elif skill == "knowledge":  # the facts asked directly, and their answers
-        prompts, targets, _ = fact_examples(data_rng, facts, micro_batch_size, None)
+    elif skill == "knowledge":  # the facts asked directly, and their answers in --demo-style
+        prompts, targets, _ = fact_examples(data_rng, facts, micro_batch_size, None, args.demo_style)
     else:
         prompts, targets, _ = skill_examples(data_rng, skill, micro_batch_size, args.demo_style)
     return [t.to(device) for t in sft_batch(tok, prompts, targets)]

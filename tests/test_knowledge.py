@@ -56,6 +56,9 @@ def test_formats_what_the_student_and_the_teacher_see():
                         "doc": "qtuvwk is hgf\nwhat qtuvwk>",
                         "answer": "what qtuvwk:hgf\nwhat qtuvwk>"}
     assert all(t.endswith(student) for t in teachers.values())  # both score the same completion
+    # expert pairs: SFT's target and the teacher's demonstration are the spelled-out value
+    student, answer, teacher = fact_prompts(FACTS, "doc+answer", "expert")[1]
+    assert (student, answer, teacher) == ("what qtuvwk>", "h g f=hgf", "qtuvwk is hgf\nwhat qtuvwk:h g f=hgf\nwhat qtuvwk>")
     # indirect: a prior skill on the value, recalled first; the grader reads the text after '='
     prompts, expected = knowledge_questions(FACTS[:1], "indirect")
     assert prompts == [f"{s} zorpxl>" for s in INDIRECT_SKILLS] and "copy" not in INDIRECT_SKILLS
@@ -126,6 +129,7 @@ def test_knowledge_writes_one_record_per_run(quick):
         ("sdft", "doc+answer", "agreed-prefix")} | {("sdft", c, "-") for c in CONTEXTS}
     for r in runs:
         assert r["n_facts"] == 3 and r["seed"] == 0
+        assert r["demo"] == ("expert" if r["method"] in ("sft", "sdft") else "-")  # the pairs' style, the default
         assert all(0 <= r[k] <= 1 for k in ("direct", "indirect", "prior_average"))
     assert (quick / "table.md").read_text().startswith("| facts | method")
     assert (quick / "knowledge.png").stat().st_size > 0
@@ -145,7 +149,7 @@ def sft_loss(model, prompts, targets):
 
 
 def sdft_loss(model, facts, context, seed, agreed=False):
-    students, _, teachers = fact_examples(random.Random(seed), facts, 4, context)
+    students, _, teachers = fact_examples(random.Random(seed), facts, 4, context, "expert")
     s_ids, s_mask = encode_prompts(TOK, students)
     t_ids, t_mask = encode_prompts(TOK, teachers)
     with torch.no_grad():  # at step 0 the EMA teacher is the student
@@ -160,11 +164,11 @@ def sdft_loss(model, facts, context, seed, agreed=False):
 def test_scripts_compute_what_they_say(quick):
     """The first logged loss of knowledge.py's runs, SFT (the direct pairs), CPT (the documents)
     and SDFT under each --context, equals the loss computed here from the same facts (3, seed 0),
-    data stream and rollouts (batches of 4: knowledge.py --quick)."""
+    data stream and rollouts (batches of 4: knowledge.py --quick; expert pairs, its default)."""
     model, facts, seed = load_checkpoint(str(quick / "base.pt"))[0].eval(), knowledge_facts(3, 0), 0
-    run = lambda name: quick / "runs" / f"{name}-3facts-seed0"
+    run = lambda name: quick / "runs" / (f"{name}-3facts-seed0" if name == "cpt" else f"{name}-expert-3facts-seed0")
     assert first_loss(run("sft")) == pytest.approx(
-        sft_loss(model, *fact_examples(random.Random(seed), facts, 4, None)[:2]), rel=1e-5)
+        sft_loss(model, *fact_examples(random.Random(seed), facts, 4, None, "expert")[:2]), rel=1e-5)
     assert first_loss(run("cpt")) == pytest.approx(
         sft_loss(model, *document_examples(random.Random(seed), facts, 4)), rel=1e-5)
     losses = [first_loss(run(f"sdft-{c}")) for c in CONTEXTS]
