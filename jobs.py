@@ -4,6 +4,7 @@ started as a subprocess with one thread, so there is one implementation of each 
 CPU run repeats exactly whether runs go side by side or not.
 """
 
+import hashlib
 import json
 import os
 import statistics
@@ -63,20 +64,28 @@ def run_script(script, *script_args, on_line=None):
         sys.exit(stderr.strip().splitlines()[-1] if stderr.strip() else f"error: {script} failed")
 
 
+def inputs_of(command):
+    """The checkpoints a command starts from (--init, --teacher-ckpt), each with a digest of its
+    bytes: a base made again under the same path is another input."""
+    return {path: hashlib.sha256(open(path, "rb").read()).hexdigest()
+            for flag, path in zip(command, command[1:]) if flag in ("--init", "--teacher-ckpt") and os.path.isfile(path)}
+
+
 def run_once(command, out, on_line=None, announce=None):
     """Run a script command [script, *args] whose --out is out, unless out already holds a
-    finished run of this very command (out/command.json, written when it ends): studies reuse
-    each other's runs, and a changed command runs again. announce: printed when it does run."""
-    done = os.path.join(out, "command.json")
+    finished run of this very command from the very same checkpoints (out/command.json, written
+    when it ends): studies reuse each other's runs, and a changed command or base runs again.
+    announce: printed when it does run."""
+    done, record = os.path.join(out, "command.json"), {"command": command, "inputs": inputs_of(command)}
     if os.path.exists(done):
         with open(done) as f:
-            if json.load(f) == command:
+            if json.load(f) == record:
                 return
     if announce:
         print(announce, flush=True)
     run_script(*command, on_line=on_line)
     with open(done, "w") as f:
-        json.dump(command, f)
+        json.dump(record, f)
 
 
 def mean_sd(values):

@@ -18,7 +18,7 @@ Each method runs at its tuned rate (jobs.LR: SFT's for the cross-entropy losses,
 divergences) unless the variant says otherwise. Each study writes OUT/STUDY/results.json (one
 record per run: study, variant, seed, skill, new_accuracy, prior_average, and what the study
 measures), OUT/STUDY/table.md and OUT/STUDY/STUDY.png. The runs themselves go to OUT/runs and
-are reused by every study that needs the same run (same command, finished).
+are reused by every study that needs the same run (same command from the same base, finished).
 """
 
 import argparse
@@ -149,7 +149,7 @@ def get_base(size=None):
 
 
 # -----------------------------------------------------------------------------
-# runs: one new skill learned from a base; the run directory is reused when it holds the same finished command
+# runs: one new skill learned from a base; the run directory is reused when it holds the same finished command from the same base
 
 def run(variant, skill, seed, base=None):
     """Train one variant on one skill from the base; returns the stage record of its metrics.jsonl

@@ -81,3 +81,21 @@ def test_bad_input_is_one_error_line(flags, needle, tmp_path):
     r = studies("onpolicy", "--quick", *flags, "--out", tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+
+
+def test_a_run_is_reused_only_from_the_same_checkpoint(tmp_path):
+    """jobs.run_once reruns a finished command when the checkpoint it starts from has changed
+    under the same path (a base made again), and reuses it otherwise."""
+    sys.path.insert(0, str(ROOT))
+    from jobs import run_once
+    script, base, log = tmp_path / "count.py", tmp_path / "base.pt", tmp_path / "runs.txt"
+    script.write_text(f"open({str(log)!r}, 'a').write('ran\\n')\n")
+    base.write_bytes(b"one base")
+    command, out = [str(script), "--init", str(base), "--out", str(tmp_path / "out")], tmp_path / "out"
+    out.mkdir()
+    run_once(command, str(out))
+    run_once(command, str(out))  # the same command from the same base: reused
+    assert log.read_text().count("ran") == 1
+    base.write_bytes(b"another base, same path")
+    run_once(command, str(out))
+    assert log.read_text().count("ran") == 2
