@@ -2,8 +2,8 @@
 Knowledge acquisition in miniature: learning facts from documents (the paper's Table 1, and its
 teacher-context ablation, App. A.2), one command.
 
-    python knowledge.py                       # 10 facts, 3 seeds, every method (2.5 min on 2 CPU cores)
-    python knowledge.py --facts 10,50         # the number of facts learned at once (results/knowledge; 50 min one run at a time)
+    python knowledge.py                       # 10 facts, 3 seeds, every method (about 3 min on 2 CPU cores)
+    python knowledge.py --facts 10,50         # the number of facts learned at once (results/knowledge; 35 min)
     python knowledge.py --demo-style own --out results/knowledge-own   # pairs in the model's own style (the control)
     python knowledge.py --quick               # a tiny check of the pipeline: shows nothing
 
@@ -26,7 +26,7 @@ and answer; train_sdft.py --agreed-prefix, not in the paper). A run ends when ev
 answered directly or its budget, 30 steps per fact and at least 300, runs out. Writes
 OUT/results.json (one record per run: method, context, variant, demo, n_facts, seed, direct,
 indirect, prior_average, steps), OUT/table.md and OUT/knowledge.png; the runs go to
-OUT/runs and are reused when their command has not changed.
+OUT/runs and are reused when their command and its base have not changed.
 """
 
 import argparse
@@ -159,10 +159,10 @@ def runs_of(records, method, n):
 
 
 def table(records):
-    """| facts | method | context | direct | indirect | prior average | steps | paper |, mean ± sd over seeds,
+    """| facts | method | context | pairs | direct | indirect | prior average | steps | paper |, mean ± sd over seeds,
     then the issue's goals, met or not, per number of facts."""
-    rows = ["| facts | method | context | direct | indirect (OOD) | prior average | steps (budget) | paper: strict / lenient / OOD |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| facts | method | context | pairs | direct | indirect (OOD) | prior average | steps (budget) | paper: strict / lenient / OOD |",
+            "|---|---|---|---|---|---|---|---|---|"]
     mean = {}
     for n in n_facts:
         for method, context, variant in METHODS:
@@ -171,7 +171,7 @@ def table(records):
             name = method if variant == "-" else f"{method} +{variant}"
             paper = PAPER[method, context] if variant == "-" else "not in the paper"
             steps = f"{statistics.mean(r['steps'] for r in rs):.0f}" + (f" ({budget(n)})" if method in ("cpt", "sft", "sdft") else "")
-            rows.append(f"| {n} | {name} | {context} | {mean_sd([r['direct'] for r in rs])} | "
+            rows.append(f"| {n} | {name} | {context} | {rs[0]['demo']} | {mean_sd([r['direct'] for r in rs])} | "
                         f"{mean_sd([r['indirect'] for r in rs])} | {mean_sd([r['prior_average'] for r in rs])} | "
                         f"{steps} | {paper} |")
     rows += ["", "| facts | goal | met |", "|---|---|---|"]
@@ -214,7 +214,7 @@ def draw(records, path):
         ax.set_xticks(range(len(METHODS)), [m if c == "-" else f"sdft\n{c}" + ("\n+agreed" if v != "-" else "")
                                             for m, c, v in METHODS], fontsize=8)
         ax.set_ylim(0, 1.2)  # room for the legend
-        ax.set_title(f"{n} facts learned at once ({len(seeds)} seeds)")
+        ax.set_title(f"{n} facts learned at once, {args.demo_style} pairs ({len(seeds)} seeds)")
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
