@@ -19,10 +19,10 @@ The methods: base (nothing learned), oracle (the base with the fact's document i
 evaluated, not trained), CPT (train_sft.py --cpt: next-token training on the documents), SFT
 (train_sft.py: on the direct question-answer pairs) and SDFT (train_sdft.py: the student sees the
 direct question, the teacher sees the document and the answer before it, or one of the two:
---context doc+answer | doc | answer), learning from pairs written in the expert's style
-(`what zorpxl>` -> `c a b d=cabd`, as the paper's pairs were written by another model; the
-default) or in the model's own (`cabd`: --demo-style own), and beside them SDFT +agreed-prefix (teacher sees document
-and answer; train_sdft.py --agreed-prefix, not in the paper). A run ends when every fact is
+--context doc+answer | doc | answer), and beside them SDFT +agreed-prefix (teacher sees document
+and answer; train_sdft.py --agreed-prefix, not in the paper). SFT and SDFT learn from pairs
+written in the expert's style (`what zorpxl>` -> `c a b d=cabd`, as the paper's pairs were
+written by another model; the default) or in the model's own (`cabd`: --demo-style own). A run ends when every fact is
 answered directly or its budget, 30 steps per fact and at least 300, runs out. Writes
 OUT/results.json (one record per run: method, context, variant, demo, n_facts, seed, direct,
 indirect, prior_average, steps), OUT/table.md and OUT/knowledge.png; the runs go to

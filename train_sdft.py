@@ -54,7 +54,8 @@ parser.add_argument("--ckpt-every", type=int, default=50, help="also write OUT/c
 # what to learn
 parser.add_argument("--init", default="results/base/ckpt.pt", help="base checkpoint to fine-tune (default: the shipped base)")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
-parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
+parser.add_argument("--demo-style", default="expert", choices=["expert", "own"],
+                    help="style of the demonstrations (with --facts: of the question-answer pairs)")
 parser.add_argument("--facts", type=int, default=0, help="learn this many facts of the knowledge world (data.knowledge_facts "
                     "of --seed) asked directly, instead of --skills (0: skills)")
 parser.add_argument("--context", default="doc+answer", help="with --facts: what the teacher sees before the question, "

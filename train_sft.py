@@ -61,7 +61,8 @@ parser.add_argument("--pretrain", action="store_true", help="train a base model 
                     "(not over a checkpoint already in OUT, unless --resume)")
 parser.add_argument("--init", default="results/base/ckpt.pt", help="base checkpoint to fine-tune (default: the shipped base; not with --pretrain)")
 parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
-parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
+parser.add_argument("--demo-style", default="expert", choices=["expert", "own"],
+                    help="style of the demonstrations (with --facts: of the question-answer pairs)")
 parser.add_argument("--facts", type=int, default=0, help="learn this many facts of the knowledge world (data.knowledge_facts "
                     "of --seed) from their question-answer pairs, instead of --skills (0: skills)")
 parser.add_argument("--cpt", action="store_true", help="with --facts: continued pretraining, next-token training on the "
