@@ -137,16 +137,16 @@ def train(base, method, context, variant, n, seed):
                             "sdft": ("train_sdft.py", ["--context", context])}[method]
     if variant == "agreed-prefix":
         method_flags.append("--agreed-prefix")
+    demo = "-" if method == "cpt" else args.demo_style  # CPT reads the documents, not the pairs
     name = (f"{method}{'' if context == '-' else '-' + context}{'' if variant == '-' else '-' + variant}"
-            f"{'' if method == 'cpt' else '-' + args.demo_style}-{n}facts-seed{seed}")
+            f"{'' if demo == '-' else '-' + demo}-{n}facts-seed{seed}")
     out = os.path.join(args.out, "runs", name)
-    command = [script, "--init", base, "--facts", str(n), "--seed", str(seed), "--lr", str(LR[method]),
-               *method_flags, *([] if method == "cpt" else ["--demo-style", args.demo_style]), *flags(FINETUNE | {"steps": budget(n)}), "--out", out]
+    command = [script, "--init", base, "--facts", str(n), "--seed", str(seed), "--lr", str(LR[method]), *method_flags,
+               *([] if demo == "-" else ["--demo-style", demo]), *flags(FINETUNE | {"steps": budget(n)}), "--out", out]
     run_once(command, out, on_line=every(prefix=f"  {name}: "), announce=f"{name} ({clock(time.time() - t_start)} elapsed)")
     stage = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
     accuracy = stage["accuracy"]
-    return {"method": method, "context": context, "variant": variant, "demo": "-" if method == "cpt" else args.demo_style,
-            "n_facts": n, "seed": seed, "steps": stage["steps"],
+    return {"method": method, "context": context, "variant": variant, "demo": demo, "n_facts": n, "seed": seed, "steps": stage["steps"],
             "direct": accuracy["direct"], "indirect": accuracy["indirect"], "prior_average": prior_average(accuracy)}
 
 
