@@ -90,6 +90,8 @@ parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradi
 parser.add_argument("--eval-every", type=int, default=10, help="steps between validation checks of the current skill")
 parser.add_argument("--eval-n", type=int, default=100, help="queries per skill for validation and test accuracy")
 parser.add_argument("--stop-at", type=float, default=0.95, help="end a stage when the skill's validation accuracy reaches this")
+parser.add_argument("--keep-best", action="store_true", help="end each stage on the weights of its best validation "
+                    "accuracy (the earliest, on a tie) instead of the last ones, as the paper reports its runs")
 args = parser.parse_args()
 if args.steps is None:
     args.steps = 5000 if args.pretrain else 300
@@ -129,6 +131,8 @@ try:
                          f"{args.grad_accum} micro-batches (--grad-accum)")
     if args.dft and args.pretrain:
         raise ValueError("--dft is a fine-tuning baseline, not a way to pretrain")
+    if args.keep_best and args.pretrain:
+        raise ValueError("--keep-best chooses among a fine-tuning stage's validated weights; pretraining validates none")
     if not 0 <= args.p_knowledge <= 1 or (args.p_knowledge and not args.pretrain):
         raise ValueError(f"--p-knowledge is a share of pretraining batches, in [0, 1], got {args.p_knowledge}")
     if (args.facts or args.cpt) and args.pretrain or args.cpt and not args.facts:
@@ -191,10 +195,12 @@ if not args.pretrain:
     base = copy.deepcopy(model).eval()  # the starting model, frozen: how far does each stage move from it?
 all_skills = list(PRIOR_SKILLS) + list(NEW_SKILLS)
 start_stage, start_step, optimizer_state = 0, 0, None
+best = None  # with --keep-best: the stage's best validation so far, {"val_acc", "step", weights}
 if args.resume:  # continue where the checkpoint left off: weights, optimizer, position, RNG streams
     model.load_state_dict(resume["model"])
     start_stage, start_step = (resume["stage"] + 1, 0) if resume["stage_done"] else (resume["stage"], resume["step"])
     optimizer_state = None if resume["stage_done"] else resume["optimizer"]
+    best = None if resume["stage_done"] else resume.get("best")
     for data_rng, i in zip(data_rngs, shards):
         data_rng.setstate(resume["data_rng"][i])
     torch.set_rng_state(resume["torch_rng"].cpu())
@@ -256,7 +262,23 @@ def checkpoint(stage, step, stage_done, optimizer):
     if master:
         save_checkpoint(ckpt_path, model, args, step, stage=stage, skills=stages, stage_done=stage_done,
                         optimizer=optimizer.state_dict(), data_rng=rng, torch_rng=torch.get_rng_state(),
-                        metrics_lines=n_records)
+                        metrics_lines=n_records, best=best)
+
+
+def validate(stage, skill, step):
+    """The stage's validation accuracy (with --facts: the facts asked directly, what is learned),
+    measured and logged by rank 0 and sent to every process as float64, so all decide alike."""
+    val_acc = None
+    if master:
+        val_acc = (knowledge_accuracy(model, tok, facts, device, "direct") if facts else
+                   evaluate(model, tok, [skill], device, split="val", n=args.eval_n)[skill])
+        log({"stage": stage, "skill": skill, "step": step, "val_acc": val_acc})
+        print(f"stage {stage + 1}/{len(stages)} {skill} | step {step} | val_acc {val_acc:.2f}")
+    if ddp:
+        shared = torch.tensor([val_acc or 0.0], dtype=torch.float64, device=device)
+        dist.broadcast(shared, 0)
+        val_acc = shared.item()
+    return val_acc
 
 
 # -----------------------------------------------------------------------------
@@ -272,19 +294,13 @@ for stage, skill in enumerate(stages):
     t_stage = time.time()
     model.train()
     for step in range(start_step, args.steps):
-        # evaluate: stop the stage once the skill is learned (rank 0 decides, every process stops;
+        # evaluate: stop the stage once the skill is learned (rank 0 measures, every process stops;
         # pretraining runs its full budget)
         if skill != "pretrain" and step % args.eval_every == 0:
-            stop = torch.zeros(1, device=device)
-            if master:
-                val_acc = (knowledge_accuracy(model, tok, facts, device, "direct") if facts else  # the facts are what is learned
-                           evaluate(model, tok, [skill], device, split="val", n=args.eval_n)[skill])
-                log({"stage": stage, "skill": skill, "step": step, "val_acc": val_acc})
-                print(f"stage {stage + 1}/{len(stages)} {skill} | step {step} | val_acc {val_acc:.2f}")
-                stop[0] = val_acc >= args.stop_at
-            if ddp:
-                dist.broadcast(stop, 0)
-            if stop.item():
+            val_acc = validate(stage, skill, step)
+            if args.keep_best and (best is None or val_acc > best["val_acc"]):
+                best = {"val_acc": val_acc, "step": step, "model": copy.deepcopy(model.state_dict())}
+            if val_acc >= args.stop_at:
                 break
 
         t0 = time.time()
@@ -333,7 +349,11 @@ for stage, skill in enumerate(stages):
             checkpoint(stage, step + 1, False, optimizer)  # in the middle of the stage, for --resume
     else:
         step = args.steps  # the whole budget ran
-    start_step, optimizer_state = 0, None  # later stages start afresh
+        if args.keep_best and validate(stage, skill, step) <= best["val_acc"]:
+            model.load_state_dict(best["model"])  # an earlier evaluation was as good or better: its weights end the stage
+            step = best["step"]
+            print0(f"stage {stage + 1}/{len(stages)} {skill}: kept the weights of step {step} (val_acc {best['val_acc']:.2f})")
+    start_step, optimizer_state, best = 0, None, None  # later stages start afresh
 
     # end of stage: test accuracy on every skill (rank 0), then checkpoint
     if master:

@@ -131,6 +131,36 @@ def test_sft_smoke(base_ckpt, tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(model.state_dict().values(), base.state_dict().values()))
 
 
+def test_keep_best_ends_on_the_best_validation(base_ckpt, tmp_path):
+    """--keep-best (both scripts): the last weights are validated too, and the stage ends on the
+    weights of the best validation, the earliest on a tie, with its step count in the record.
+    The tiny base validates at 0 throughout, so the kept weights are the starting ones (and so
+    is SDFT's EMA teacher), though 4 steps at a high rate have moved the model."""
+    flags = ["--init", base_ckpt, "--skills", "rotl", "--steps", 4, "--eval-every", 2, "--eval-n", 4, "--lr", 1e-2,
+             "--warmup", 0, "--batch-size", 4, "--device", "cpu", "--keep-best"]
+    procs = {script: start(script, *flags, "--out", tmp_path / script) for script in ("train_sft.py", "train_sdft.py")}
+    base, _ = load_checkpoint(str(base_ckpt))
+    for script, proc in procs.items():
+        rc, _, stderr = finish(proc)
+        assert rc == 0, stderr
+        records = read_metrics(tmp_path / script)
+        evals = [(r["step"], r["val_acc"]) for r in records if "val_acc" in r]
+        assert [step for step, _ in evals] == [0, 2, 4]  # the last weights (after step 4) are validated too
+        best_step, best_acc = max(evals, key=lambda e: (e[1], -e[0]))  # the earliest best
+        assert [r["steps"] for r in records if "accuracy" in r] == [best_step]
+        model, ckpt = load_checkpoint(str(tmp_path / script / "ckpt.pt"))
+        weights = [model.state_dict()] + ([ckpt["teacher"]] if script == "train_sdft.py" else [])
+        if best_step == 0:
+            for w in weights:
+                assert all(torch.equal(w[k], v) for k, v in base.state_dict().items()), script
+        else:  # (not with this base, but then) the kept weights validate as the best did
+            from data import Tokenizer
+            from eval import evaluate
+            assert evaluate(model, Tokenizer(), ["rotl"], "cpu", split="val", n=4)["rotl"] == best_acc
+    moved = [r for r in records if "loss" in r]
+    assert len(moved) == 4  # the budget ran: the weights kept are not simply the last
+
+
 def test_sft_first_step_loss_and_dft(base_ckpt, tmp_path):
     """The first logged loss of train_sft.py is the token mean of -log p over the demonstration
     tokens of the first batch, computed here; with --dft each token's term is weighted by its
@@ -226,6 +256,7 @@ BAD_INPUTS = [  # (script and flags, text the error line must contain); {base} {
     (["train_sft.py", "--init", "{base}", "--steps", "0"], "--steps"),
     (["train_sft.py", "--pretrain", "--steps", "0"], "--steps"),
     (["train_sft.py", "--pretrain", "--dft"], "--dft"),
+    (["train_sft.py", "--pretrain", "--keep-best"], "--keep-best"),
 ]
 
 
