@@ -19,11 +19,14 @@ The methods: base (nothing learned), oracle (the base with the fact's document i
 evaluated, not trained), CPT (train_sft.py --cpt: next-token training on the documents), SFT
 (train_sft.py: on the direct question-answer pairs) and SDFT (train_sdft.py: the student sees the
 direct question, the teacher sees the document and the answer before it, or one of the two:
---context doc+answer | doc | answer), and beside them SDFT +agreed-prefix (teacher sees document
-and answer; train_sdft.py --agreed-prefix, not in the paper). SFT and SDFT learn from pairs
+--context doc+answer | doc | answer), and beside them two SDFT variants (teacher sees document
+and answer): +frozen-teacher (train_sdft.py --teacher base: the paper's App. A.3 ablation) and
++agreed-prefix (train_sdft.py --agreed-prefix, not in the paper). SFT and SDFT learn from pairs
 written in the expert's style (`what zorpxl>` -> `c a b d=cabd`, as the paper's pairs were
-written by another model; the default) or in the model's own (`cabd`: --demo-style own). A run ends when every fact is
-answered directly or its budget, 30 steps per fact and at least 300, runs out. Writes
+written by another model; the default) or in the model's own (`cabd`: --demo-style own). A run
+ends when every fact is answered directly or its budget, 30 steps per fact and at least 300, runs
+out, on the weights of its best validation (--keep-best: the paper reports the checkpoint with
+the best validation score; here the validation is the facts asked directly). Writes
 OUT/results.json (one record per run: method, context, variant, demo, n_facts, seed, direct,
 indirect, prior_average, steps), OUT/table.md and OUT/knowledge.png; the runs go to
 OUT/runs and are reused when their command and its base have not changed.
@@ -52,12 +55,16 @@ KNOWLEDGE_BASE_SETTINGS = BASE_SETTINGS | {"steps": 7000, "p_knowledge": 0.4}
 # skills' rates (jobs.LR) being too low for SDFT here: its student starts ~3.8 nats/token from the
 # teacher, whose fact it does not know. CPT learns no fact at any of them, so it gets the highest.
 LR = {"cpt": 1e-4, "sft": 3e-5, "sdft": 1e-4}
-# (method, context, variant); the variant "agreed-prefix" is train_sdft.py --agreed-prefix (not in the paper)
+# SDFT's variants beside the paper's recipe, as train_sdft.py flags: the frozen base as teacher
+# instead of the EMA one (the paper's App. A.3 ablation) and the agreed prefix (not in the paper)
+VARIANTS = {"-": [], "frozen-teacher": ["--teacher", "base"], "agreed-prefix": ["--agreed-prefix"]}
+# (method, context, variant)
 METHODS = ([("base", "-", "-"), ("oracle", "-", "-"), ("cpt", "-", "-"), ("sft", "-", "-")]
-           + [("sdft", c, "-") for c in CONTEXTS] + [("sdft", "doc+answer", "agreed-prefix")])
+           + [("sdft", c, "-") for c in CONTEXTS] + [("sdft", "doc+answer", v) for v in VARIANTS if v != "-"])
 PAPER = {("base", "-"): "0 / 0 / 0", ("oracle", "-"): "91 / 100 / 100", ("cpt", "-"): "9 / 37 / 7",
          ("sft", "-"): "80 / 95 / 80", ("sdft", "doc+answer"): "89 / 100 / 98 (App. A.2: 89)",
-         ("sdft", "doc"): "App. A.2: 75", ("sdft", "answer"): "App. A.2: between 75 and 89"}
+         ("sdft", "doc"): "App. A.2: 75", ("sdft", "answer"): "App. A.2: between 75 and 89",
+         "frozen-teacher": "App. A.3: stable, below the EMA teacher", "agreed-prefix": "not in the paper"}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--facts", default="10", help="comma-separated numbers of facts, each learned at once")
@@ -73,11 +80,12 @@ parser.add_argument("--quick", action="store_true", help="tiny model and budget:
 args = parser.parse_args()
 args.out = args.out or ("runs/knowledge-quick" if args.quick else "results/knowledge")
 base_settings = KNOWLEDGE_BASE_SETTINGS
-FINETUNE = {"steps": 300, "eval_n": 100, "stop_at": 1}  # stop_at 1: when every fact is answered directly
+# stop_at 1: when every fact is answered directly; keep_best: on the weights of the best validation
+FINETUNE = {"steps": 300, "eval_n": 100, "stop_at": 1, "keep_best": True}
 STEPS_PER_FACT = 30  # the budget grows with the facts: max(steps, 30 n); 10 facts took SFT and SDFT ~90 steps
 if args.quick:
     base_settings = KNOWLEDGE_BASE_SETTINGS | {"steps": 20, "n_layer": 1, "n_head": 2, "n_embd": 32}
-    FINETUNE, STEPS_PER_FACT = {"steps": 2, "eval_n": 4, "eval_every": 1, "batch_size": 4, "stop_at": 1}, 0
+    FINETUNE, STEPS_PER_FACT = {"steps": 2, "eval_n": 4, "eval_every": 1, "batch_size": 4, "stop_at": 1, "keep_best": True}, 0
 args.base = args.base or (os.path.join(args.out, "base.pt") if args.quick else "results/base-knowledge/ckpt.pt")
 try:
     n_facts = [int(n) for n in args.facts.split(",") if n.strip()]
@@ -134,9 +142,7 @@ def train(base, method, context, variant, n, seed):
     """One run of a training script on the n facts of the seed; its record, from the last line of
     its metrics.jsonl (the end-of-stage evaluation)."""
     script, method_flags = {"cpt": ("train_sft.py", ["--cpt"]), "sft": ("train_sft.py", []),
-                            "sdft": ("train_sdft.py", ["--context", context])}[method]
-    if variant == "agreed-prefix":
-        method_flags.append("--agreed-prefix")
+                            "sdft": ("train_sdft.py", ["--context", context, *VARIANTS[variant]])}[method]
     demo = "-" if method == "cpt" else args.demo_style  # CPT reads the documents, not the pairs
     name = (f"{method}{'' if context == '-' else '-' + context}{'' if variant == '-' else '-' + variant}"
             f"{'' if demo == '-' else '-' + demo}-{n}facts-seed{seed}")
@@ -169,7 +175,7 @@ def table(records):
             rs = runs_of(records, (method, context, variant), n)
             mean[n, method, context, variant] = {k: statistics.mean(r[k] for r in rs) for k in ("direct", "indirect", "prior_average")}
             name = method if variant == "-" else f"{method} +{variant}"
-            paper = PAPER[method, context] if variant == "-" else "not in the paper"
+            paper = PAPER[method, context] if variant == "-" else PAPER[variant]
             steps = f"{statistics.mean(r['steps'] for r in rs):.0f}" + (f" ({budget(n)})" if method in ("cpt", "sft", "sdft") else "")
             rows.append(f"| {n} | {name} | {context} | {rs[0]['demo']} | {mean_sd([r['direct'] for r in rs])} | "
                         f"{mean_sd([r['indirect'] for r in rs])} | {mean_sd([r['prior_average'] for r in rs])} | "
@@ -177,8 +183,8 @@ def table(records):
     rows += ["", "| facts | goal | met |", "|---|---|---|"]
     for n in n_facts:
         sft, oracle, base, cpt = (mean[n, m, "-", "-"] for m in ("sft", "oracle", "base", "cpt"))
-        for variant in ("-", "agreed-prefix"):
-            rows += [f"| {n} | {goal}{'' if variant == '-' else ' (+agreed-prefix)'} | {'yes' if met else 'no'} |"
+        for variant in VARIANTS:
+            rows += [f"| {n} | {goal}{'' if variant == '-' else f' (+{variant})'} | {'yes' if met else 'no'} |"
                      for goal, met in goals(mean[n, "sdft", "doc+answer", variant], sft, oracle, base)]
         rows.append(f"| {n} | CPT barely learns to answer: direct below 0.2 ({cpt['direct']:.2f}) | "
                     f"{'yes' if cpt['direct'] < 0.2 else 'no'} |")
@@ -211,7 +217,7 @@ def draw(records, path):
                 values = [r[key] for r in rs]
                 ax.bar(i + 0.27 * (j - 1), statistics.mean(values), width=0.27, color=color, label=key if i == 0 else None,
                        yerr=statistics.stdev(values) if len(values) > 1 else None)
-        ax.set_xticks(range(len(METHODS)), [m if c == "-" else f"sdft\n{c}" + ("\n+agreed" if v != "-" else "")
+        ax.set_xticks(range(len(METHODS)), [m if c == "-" else f"sdft\n{c}" + ("" if v == "-" else f"\n+{v.split('-')[0]}")
                                             for m, c, v in METHODS], fontsize=8)
         ax.set_ylim(0, 1.2)  # room for the legend
         ax.set_title(f"{n} facts learned at once, {args.demo_style} pairs ({len(seeds)} seeds)")

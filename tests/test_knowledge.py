@@ -126,7 +126,7 @@ def test_knowledge_writes_one_record_per_run(quick):
     runs = json.loads((quick / "results.json").read_text())["runs"]
     assert {(r["method"], r["context"], r["variant"]) for r in runs} == {
         ("base", "-", "-"), ("oracle", "-", "-"), ("cpt", "-", "-"), ("sft", "-", "-"),
-        ("sdft", "doc+answer", "agreed-prefix")} | {("sdft", c, "-") for c in CONTEXTS}
+        ("sdft", "doc+answer", "agreed-prefix"), ("sdft", "doc+answer", "frozen-teacher")} | {("sdft", c, "-") for c in CONTEXTS}
     for r in runs:
         assert r["n_facts"] == 3 and r["seed"] == 0
         assert r["demo"] == ("expert" if r["method"] in ("sft", "sdft") else "-")  # the pairs' style, the default
@@ -177,6 +177,8 @@ def test_scripts_compute_what_they_say(quick):
     agreed = first_loss(run("sdft-doc+answer-agreed-prefix"))
     assert agreed == pytest.approx(sdft_loss(model, facts, "doc+answer", seed, agreed=True), rel=1e-5, abs=1e-6)
     assert agreed != pytest.approx(losses[CONTEXTS.index("doc+answer")])  # the mask changes what is counted
+    frozen = first_loss(run("sdft-doc+answer-frozen-teacher"))  # at the first step, the frozen teacher is the EMA one
+    assert frozen == pytest.approx(losses[CONTEXTS.index("doc+answer")], rel=1e-6)
     stage = json.loads((run("sft") / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"direct", "indirect", "rev"} <= set(stage["accuracy"]) and stage["kl_from_base"] is None
 

@@ -156,7 +156,7 @@ def test_keep_best_ends_on_the_best_validation(base_ckpt, tmp_path):
         else:  # (not with this base, but then) the kept weights validate as the best did
             from data import Tokenizer
             from eval import evaluate
-            assert evaluate(model, Tokenizer(), ["rotl"], "cpu", split="val", n=4)["rotl"] == best_acc
+            assert evaluate(model, Tokenizer(), ["rotl"], torch.device("cpu"), split="val", n=4)["rotl"] == best_acc
     moved = [r for r in records if "loss" in r]
     assert len(moved) == 4  # the budget ran: the weights kept are not simply the last
 
