@@ -30,7 +30,7 @@ python benchmark.py --p-new 0 --base results/base-unseen/ckpt.pt --seeds 0,1,2 -
 # why it works: the paper's ablations and baselines, each skill learned alone, 3 seeds
 # (results/studies; the two smaller bases of the size study are committed, and made again if missing)
 python studies.py all
-# knowledge from documents (the paper's Table 1), on its own base, 10 and 50 facts, 3 seeds (~35 min);
+# knowledge from documents (the paper's Table 1), on its own base, 10 and 50 facts, 3 seeds (~45 min);
 # the pairs in the expert's style (the default), and in the model's own as the control (~2 min)
 python knowledge.py --facts 10,50
 python knowledge.py --demo-style own --out results/knowledge-own
