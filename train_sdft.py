@@ -14,7 +14,8 @@ loss is the per-token forward KL(teacher || student) over the full vocabulary (s
 the method, the README the recipe). Simplified for the toy: no completion tokens are skipped
 by default (the paper skips 3, but a toy answer is only 3 to 6 tokens long). A stage
 ends when the current skill's validation accuracy reaches --stop-at or its step budget
-runs out (the same rule as train_sft.py). Writes OUT/ckpt.pt after every stage (and every
+runs out (the same rule as train_sft.py), on the last weights or, with --keep-best, on those
+of its best validation. Writes OUT/ckpt.pt after every stage (and every
 --ckpt-every steps) and OUT/metrics.jsonl (one record per step, eval, and stage).
 """
 

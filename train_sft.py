@@ -18,7 +18,8 @@ Several processes: `torchrun --nproc_per_node 2 train_sft.py ...`; continue an i
 run: the same command with --resume (README: "Several processes, and resuming").
 
 A stage ends when the current skill's validation accuracy reaches --stop-at or its step
-budget runs out (train_sdft.py uses the same rule). The loss covers the target tokens
+budget runs out (train_sdft.py uses the same rule), on the last weights or, with --keep-best,
+on those of its best validation. The loss covers the target tokens
 only (the demonstration and its end-of-text), not the prompt. Writes OUT/ckpt.pt after
 every stage (and every --ckpt-every steps) and OUT/metrics.jsonl (one record per step,
 eval, and stage).
