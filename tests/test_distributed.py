@@ -98,8 +98,9 @@ def test_two_processes_match_one_process(base_ckpt, tmp_path):
 def test_resume_matches_uninterrupted(base_ckpt, tmp_path):
     """A run killed in the middle of its first stage, then continued with --resume, ends with
     the same weights, teacher and metrics (timings aside) as the same run left alone: the
-    checkpoint every 2 steps holds the optimizer, the step, and the data and rollout RNGs."""
-    flags = [*SDFT, "--init", base_ckpt, "--steps", 6, "--ckpt-every", 2]
+    checkpoint every 2 steps holds the optimizer, the step, the data and rollout RNGs, and
+    (--keep-best) the best validation so far with its weights, which end each stage."""
+    flags = [*SDFT, "--init", base_ckpt, "--steps", 6, "--ckpt-every", 2, "--keep-best"]
     whole = start(*flags, "--out", tmp_path / "whole")
     cut = start(*flags, "--out", tmp_path / "cut")
     for line in cut.stdout:  # kill it while it trains step 5 of the first stage (checkpoint after step 4)
