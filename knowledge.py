@@ -217,8 +217,8 @@ def draw(records, path):
                 values = [r[key] for r in rs]
                 ax.bar(i + 0.27 * (j - 1), statistics.mean(values), width=0.27, color=color, label=key if i == 0 else None,
                        yerr=statistics.stdev(values) if len(values) > 1 else None)
-        ax.set_xticks(range(len(METHODS)), [m if c == "-" else f"sdft\n{c}" + ("" if v == "-" else f"\n+{v.split('-')[0]}")
-                                            for m, c, v in METHODS], fontsize=8)
+        ax.set_xticks(range(len(METHODS)), [m if c == "-" else f"sdft\n{c}" if v == "-" else f"sdft\n+{v.split('-')[0]}"
+                                            for m, c, v in METHODS], fontsize=8)  # the variants' teacher sees doc+answer
         ax.set_ylim(0, 1.2)  # room for the legend
         ax.set_title(f"{n} facts learned at once, {args.demo_style} pairs ({len(seeds)} seeds)")
     axes[0][0].set_ylabel("accuracy")
