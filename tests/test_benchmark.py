@@ -23,10 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TWO = list(NEW_SKILLS)[:2]  # two new skills: two orders, and quick
 
 
-def run_benchmark(*args):
+def start_benchmark(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 shared cores
-    return subprocess.run([sys.executable, "benchmark.py", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.Popen([sys.executable, "benchmark.py", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc):
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_benchmark(*args):
+    return finish(start_benchmark(*args))
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +88,9 @@ def test_base_is_weights_only_and_reused(quick):
     ckpt = torch.load(base, weights_only=True)
     assert "optimizer" not in ckpt and ckpt["world"] == world_signature() and ckpt["args"]["pretrain"]
     before = base.stat().st_mtime_ns
-    for extra in ([], ["--pretrain"]):  # --pretrain finds a base of the same settings and world: reused, not replaced
-        proc = run_benchmark("--quick", "--seeds", "0", "--skills", TWO[0], "--out", tmp / "again", "--base", base, *extra)
+    procs = [start_benchmark("--quick", "--seeds", "0", "--skills", TWO[0], "--out", tmp / f"again{i}", "--base", base, *extra)
+             for i, extra in enumerate(([], ["--pretrain"]))]  # --pretrain finds a base of the same settings and world
+    for proc in map(finish, procs):  # side by side: reused, not replaced
         assert proc.returncode == 0, proc.stderr
         assert "reusing" in proc.stdout and "pretraining" not in proc.stdout
     assert base.stat().st_mtime_ns == before
