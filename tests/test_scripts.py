@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import NEW_SKILLS, PRIOR_SKILLS, SKILLS
+from data import NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer
+from eval import evaluate
 from model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,11 +155,8 @@ def test_keep_best_ends_on_the_best_validation(base_ckpt, tmp_path):
             for w in weights:
                 assert all(torch.equal(w[k], v) for k, v in base.state_dict().items()), script
         else:  # (not with this base, but then) the kept weights validate as the best did
-            from data import Tokenizer
-            from eval import evaluate
             assert evaluate(model, Tokenizer(), ["rotl"], torch.device("cpu"), split="val", n=4)["rotl"] == best_acc
-    moved = [r for r in records if "loss" in r]
-    assert len(moved) == 4  # the budget ran: the weights kept are not simply the last
+        assert len([r for r in records if "loss" in r]) == 4  # the budget ran: the weights kept are not simply the last
 
 
 def test_sft_first_step_loss_and_dft(base_ckpt, tmp_path):
