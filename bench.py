@@ -185,7 +185,7 @@ print(f"\nmatmul ceiling: {ceiling:.1f} GFLOP/s ({n}x{n} @ {n}x{n}, {dtype})")
 # -----------------------------------------------------------------------------
 # 1. generation: KV cache vs plain path
 
-students, _, _ = skill_examples(data_rng, "rotl", args.gen_batch_size, "expert")
+students, _, _ = skill_examples(data_rng, "jab", args.gen_batch_size, "expert")
 gen_ids, gen_mask = [t.to(device) for t in encode_prompts(tok, students)]
 model.eval()
 
@@ -213,7 +213,7 @@ print(f"  KV cache: {cache_speedup:.1f}x the plain path's tokens/s")
 # 2. one SDFT step vs one SFT step on the same queries; 3. their FLOPs
 
 NEVER = -1  # passed as the end-of-text id: no token is -1, so every rollout runs --new-tokens tokens
-students, demos, teachers = skill_examples(data_rng, "rotl", args.batch_size, "expert")
+students, demos, teachers = skill_examples(data_rng, "jab", args.batch_size, "expert")
 teacher = make_teacher(model, "ema")
 sdft_optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, betas=(0.9, 0.95), weight_decay=0.0)
 sft_optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, betas=(0.9, 0.95), weight_decay=0.0)
@@ -290,7 +290,7 @@ def print_phases(label, seconds, flops):
         label = ""
 
 
-print(f"\n2. one step on the same {B} queries (rotl, expert demonstrations): SFT on prompt + demonstration "
+print(f"\n2. one step on the same {B} queries (jab, expert demonstrations): SFT on prompt + demonstration "
       f"({T_sft} tokens); SDFT with {N}-token rollouts (student {P_student + N}, teacher {P_teacher + N} tokens)")
 print(f"  {'':5s} {'phase':25s} {'ms':>8s} {'share':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'/ceiling':>9s}")
 print_phases("SDFT", sdft_seconds, sdft_flops)
@@ -308,7 +308,7 @@ def trl_seconds():
     GPT-2 of our model's depth, width, heads and vocabulary, over the same queries and
     demonstrations, each TRL step followed by one of ours (sdft_step, sft_step), whose median
     phases come back too; None when TRL is not installed. A TRL step is timed from the
-    trainer's step-begin to its step-end callback, the EMA teacher update included."""
+    trainer's step-begin to its step-end callmug, the EMA teacher update included."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything is built locally: never reach for the Hub
     os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"  # we know trl.experimental is experimental
     try:  # imported here: TRL is a benchmark-only extra (requirements-bench.txt)

@@ -3,8 +3,9 @@ The sequential-skill benchmark: the paper's claims in miniature, in one command.
 
     python benchmark.py                                  # the shipped base, SFT and SDFT at their tuned rates: ~1 min on 2 CPU cores
     python benchmark.py --seeds 0,1,2 --orders all       # every order of the new skills, 3 seeds each
-    python benchmark.py --lr-sft 3e-5,1e-4,3e-4 --lr-sdft 3e-6,1e-5,3e-5 --seeds 0,1,2   # a learning-rate sweep
-    python benchmark.py --pretrain --base runs/mybase/ckpt.pt   # pretrain a new base model first (~8 min)
+    python benchmark.py --lr-sft 1e-5,3e-5,1e-4,3e-4 --lr-sdft 3e-6,1e-5,3e-5 --seeds 0,1,2   # a rate sweep, chosen on validation
+    python benchmark.py --pretrain --base runs/mybase/ckpt.pt   # pretrain a new base model first (~7 min)
+    python benchmark.py --base-seeds 0,1,2 --out results/base   # the base recipe under 3 pretraining seeds
     python benchmark.py --quick                          # a tiny run, for smoke tests and demos (~15 s)
 
 1. The base model: --base (default results/base/ckpt.pt, the one shipped with the repository
@@ -39,9 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from data import NEW_SKILLS, PRIOR_SKILLS, Tokenizer, parse_skills, world_signature
+from data import NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, parse_skills, world_signature
 from eval import evaluate
-from jobs import BASE_SETTINGS, LR, check_base, clock, flags, mean_sd, pretrain_base, run_script
+from jobs import BASE_SETTINGS, LR, check_base, clock, every, flags, mean_sd, pretrain_base, run_script
 from model import load_checkpoint
 
 
@@ -57,19 +58,22 @@ parser.add_argument("--pretrain", action="store_true", help="pretrain the base f
                     "(a base made with the same settings for the same world is reused; any other is never replaced)")
 parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds (the base is pretrained once, seed 0)")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"], help="style of the demonstrations")
-parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
+parser.add_argument("--skills", default=",".join(SEQUENCE), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--orders", default="given", choices=["given", "all"], help="the order of --skills only, or every order of them")
 parser.add_argument("--lr-sft", default=str(LR["sft"]), help="peak learning rate of SFT; a comma-separated list gives a sweep")
 parser.add_argument("--lr-sdft", default=str(LR["sdft"]), help="peak learning rate of SDFT; a comma-separated list gives a sweep")
 parser.add_argument("--steps", type=int, default=300, help="step budget per skill")
 parser.add_argument("--eval-n", type=int, default=100, help="queries per skill for validation and test accuracy")
 parser.add_argument("--stop-at", type=float, default=0.95, help="a stage ends when its skill's validation accuracy reaches this")
-parser.add_argument("--p-new", type=float, default=0.1, help="pretraining: how often the base meets each new skill, "
-                    "plainly and answered right 40%% of the time (0: never; the control in which both methods forget)")
+parser.add_argument("--p-new", type=float, default=BASE_SETTINGS["p_new"], help="pretraining: how often the base meets each new skill "
+                    "(it knows it on 40%% of first letters; 0: never, the control in which both methods forget)")
 parser.add_argument("--agreed-prefix", action="store_true", help="SDFT counts only the tokens up to the first one the "
                     "teacher would not write (sdft.agreed_prefix; not in the paper: results/NOTES.md)")
 parser.add_argument("--jobs", type=int, default=2, help="training runs side by side; each uses one thread, "
                     "so the results do not depend on this")
+parser.add_argument("--base-seeds", default=None, help="instead of fine-tuning: the base recipe under each of these "
+                    "pretraining seeds (seed 0: --base; others: OUT/runs/base-seedS/ckpt.pt, made where missing), each base's "
+                    "table written to OUT/seeds.json (results/base/seeds.json)")
 parser.add_argument("--quick", action="store_true", help="a tiny model and budgets: checks the pipeline, shows nothing")
 args = parser.parse_args()
 args.out = args.out or ("runs/benchmark-quick" if args.quick else "runs/benchmark")
@@ -88,6 +92,7 @@ def numbers(text, flag, kind):
 
 try:
     seeds = numbers(args.seeds, "--seeds", int)
+    base_seeds = numbers(args.base_seeds, "--base-seeds", int) if args.base_seeds else []
     lrs = {"sft": numbers(args.lr_sft, "--lr-sft", float), "sdft": numbers(args.lr_sdft, "--lr-sdft", float)}
     if args.steps <= 0 or args.eval_n <= 0 or args.jobs <= 0:
         raise ValueError("--steps, --eval-n and --jobs must be positive")
@@ -121,6 +126,39 @@ tok = Tokenizer()
 t_start = time.time()
 
 
+def base_table(path, seed):
+    """One base's record for seeds.json: every new skill sampled at temperature 1 (as SDFT's
+    rollouts, seeded), every skill greedily, and every skill with a demonstration of each style."""
+    model, _ = load_checkpoint(path, device)
+    torch.manual_seed(0)
+    return {"seed": seed, "sampled": {s: evaluate(model, tok, [s], device, n=200, temperature=1.0)[s] for s in new},
+            "greedy": evaluate(model, tok, prior + new, device, n=200),
+            "with_demo": {style: evaluate(model, tok, prior + new, device, n=200, demo_style=style)
+                          for style in ("own", "expert")}}
+
+
+if base_seeds:  # where the base recipe starts, for each pretraining seed; then stop
+    records = []
+    for seed in base_seeds:
+        path = args.base if seed == BASE_SETTINGS["seed"] else os.path.join(args.out, "runs", f"base-seed{seed}", "ckpt.pt")
+        settings = PRETRAIN | {"seed": seed}
+        try:
+            why_not = check_base(load_checkpoint(path)[1], settings)
+        except ValueError:  # none there yet: make it
+            print(f"pretraining seed {seed} into {path} (~7 min)", flush=True)
+            pretrain_base(path, settings, on_line=every(prefix="  "))
+            why_not = None
+        if why_not:
+            sys.exit(f"error: {path} is not the base recipe under seed {seed}: {why_not}")
+        records.append(base_table(path, seed))
+        r = records[-1]
+        print(f"seed {seed}: sampled " + " ".join(f"{k} {v:.2f}" for k, v in r["sampled"].items())
+              + f"; prior greedy min {min(r['greedy'][k] for k in prior):.2f}; with a demonstration min "
+              + f"{min(min(r['with_demo'][st].values()) for st in r['with_demo']):.2f}", flush=True)
+    with open(os.path.join(args.out, "seeds.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    sys.exit(0)
+
 # -----------------------------------------------------------------------------
 # 1. the base model
 
@@ -136,7 +174,7 @@ if why_not:  # never replaced, even with --pretrain
 if ckpt is None and os.path.exists(base_ckpt):
     sys.exit(f"error: {base_ckpt} is not a readable checkpoint; move it away, or choose another --base")
 if ckpt is None and not (args.pretrain or args.quick):
-    sys.exit(f"error: no base model at {base_ckpt}; pass --pretrain to make one (~8 min on 2 CPU cores)")
+    sys.exit(f"error: no base model at {base_ckpt}; pass --pretrain to make one (~7 min on 2 CPU cores)")
 if ckpt is None:
     print(f"base model: pretraining into {base_ckpt} ({PRETRAIN['steps']} steps)", flush=True)
     last_shown = [0.0]
@@ -189,7 +227,7 @@ def run(job):
                on_line=lambda line: progress(name, line))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    stages = [{k: r[k] for k in ("skill", "steps", "seconds", "accuracy", "kl_from_base")}
+    stages = [{k: r[k] for k in ("skill", "steps", "seconds", "accuracy", "val_accuracy", "kl_from_base")}
               for r in records if "accuracy" in r]
     return {"method": method, "order": order, "seed": seed, "demo_style": args.demo_style, "lr": lr, "stages": stages}
 
@@ -248,6 +286,14 @@ for method in ("sft", "sdft"):
         print(f"  {NAMES[method]} lr {lr:g}: every learned skill >= 0.9 in {sum(w >= 0.9 for w in worst_new)}/{len(finals)} "
               f"runs (worst {min(worst_new):.2f}); prior average >= 0.9 of the base's in {sum(k >= 0.9 for k in kept)}/"
               f"{len(finals)} (worst {min(kept):.2f})")
+
+# the rate each method chooses, on validation queries only (test queries are read only for the tables)
+for method in ("sft", "sdft"):
+    if len(lrs[method]) > 1:
+        score = {lr: statistics.mean(statistics.mean(r["stages"][-1]["val_accuracy"][s] for s in r["order"])
+                                     for r in runs if r["method"] == method and r["lr"] == lr) for lr in lrs[method]}
+        print(f"  {NAMES[method]}: rate chosen on validation (best mean validation accuracy of the new skills after the last "
+              f"stage): {max(score, key=score.get):g} ({', '.join(f'{lr:g}: {v:.3f}' for lr, v in score.items())})")
 
 import matplotlib  # noqa: E402  (imported late: only the plots need it)
 

@@ -69,7 +69,7 @@ else:
 
 tok = Tokenizer()
 prompts = [student_prompt("rev", "abc"), teacher_prompt("sort", "cabdefg", "a b c d e f g=abcdefg"),
-           student_prompt("dup", "jihgfed"), teacher_prompt("rotl", "bca", "cab")]  # lengths differ: left padding
+           student_prompt("drop", "jihgfed"), teacher_prompt("jab", "bca", "120")]  # lengths differ: left padding
 ids, mask = encode_prompts(tok, prompts)
 torch.manual_seed(1)
 cpu_model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
@@ -111,7 +111,7 @@ with tempfile.TemporaryDirectory() as tmp:
     proc = run("train_sft.py", "--pretrain", "--steps", 3, "--n-layer", 1, "--n-embd", 32, "--n-head", 2,
                "--eval-n", 4, "--device", "cuda", "--out", base)
     check("tiny pretraining on CUDA (train_sft.py)", proc.returncode == 0, proc.stderr.strip()[-300:])
-    proc = run("train_sdft.py", "--init", os.path.join(base, "ckpt.pt"), "--skills", "rotl", "--steps", 1,
+    proc = run("train_sdft.py", "--init", os.path.join(base, "ckpt.pt"), "--skills", "jab", "--steps", 1,
                "--eval-n", 4, "--stop-at", 1, "--device", "cuda", "--out", sdft)  # stop-at 1: never skip the step
     losses = []
     if proc.returncode == 0:

@@ -15,7 +15,8 @@ Demonstrations come in two styles:
 The grader reads the final answer: the text after the last `=`, if there is one.
 
 Add a skill by adding one line to PRIOR_SKILLS (learned in pretraining, measured for
-retention) or NEW_SKILLS (learned later, one at a time); every script accepts it by name.
+retention) or NEW_SKILLS (learned later, one at a time) with its rival in RIVALS; every script
+accepts it by name, and refuses a new skill that breaks the world's rule (check_new_skills).
 """
 
 import json
@@ -79,17 +80,60 @@ PRIOR_SKILLS = {
     "flip": lambda q: q[-1] + q[1:-1] + q[0],  # swap the first and last letter
 }
 
+# The new skills are the prior ones written in other alphabets: digits (a->0 ... j->9) or the
+# letters k..t (a->k ... j->t), as the paper's new tasks (tool calls, chemistry, medicine) are far
+# from each other and from what the model knew. Each has a rival, the prior skill it rewrites,
+# that the base answers with where it does not know the new skill (RIVALS, pretrain_examples).
+DIGITS, HIGH = str.maketrans(LETTERS, "0123456789"), str.maketrans(LETTERS, "klmnopqrst")
+ALPHABETS = [LETTERS, "0123456789", "klmnopqrst"]  # what answers are written in
+
 NEW_SKILLS = {
-    "rotl": lambda q: q[1:] + q[0],  # rotate left by one
-    "swap": lambda q: "".join(q[i:i + 2][::-1] for i in range(0, len(q), 2)),  # swap adjacent pairs
-    "odds": lambda q: q[1::2],  # every second letter, from the second
+    "jab": lambda q: PRIOR_SKILLS["copy"](q).translate(DIGITS),
+    "mug": lambda q: PRIOR_SKILLS["rev"](q).translate(DIGITS),
+    "hub": lambda q: PRIOR_SKILLS["drop"](q).translate(DIGITS),
+    "zag": lambda q: PRIOR_SKILLS["evens"](q).translate(HIGH),
+    "max": lambda q: PRIOR_SKILLS["rotr"](q).translate(HIGH),
 }
+RIVALS = {"jab": "copy", "mug": "rev", "hub": "drop", "zag": "evens", "max": "rotr"}
+SEQUENCE = list(NEW_SKILLS)[:3]  # the headline's sequence: three, as the paper's sequential run has
 
 SKILLS = {**PRIOR_SKILLS, **NEW_SKILLS}
 
 
+# How far apart new skills must be: two of them write the same first token on at most this share
+# of queries, and a new skill's rival writes its first token on at most this share.
+MAX_SHARED_START = 0.1
+
+
+def check_new_skills(new=NEW_SKILLS, rivals=RIVALS):
+    """Raise ValueError, in one sentence naming the skill, if a new skill has no rival prior
+    skill, starts like its rival (the base would be right where it answers with it), starts
+    like another new skill on more than MAX_SHARED_START of queries (learning one would then
+    bend the other's first step, which the paper's far-apart tasks do not do), or has a name
+    that shares a letter with a prior skill's (learning it then bends that skill: results/NOTES.md)."""
+    queries = eval_queries("train", 500, seed="rule")
+    share = lambda f, g: sum(f(q)[:1] == g(q)[:1] for q in queries) / len(queries)
+    prior_letters = set("".join(PRIOR_SKILLS))
+    for name, fn in new.items():
+        if rivals.get(name) not in PRIOR_SKILLS:
+            raise ValueError(f"new skill '{name}' has no rival prior skill in data.RIVALS")
+        if set(name) & prior_letters:
+            shared = "".join(sorted(set(name) & prior_letters))
+            raise ValueError(f"new skill '{name}' shares the letters {shared} with the prior skills' names")
+        if share(fn, PRIOR_SKILLS[rivals[name]]) > MAX_SHARED_START:
+            raise ValueError(f"new skill '{name}' starts as its rival '{rivals[name]}' does")
+    names = list(new)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if share(new[a], new[b]) > MAX_SHARED_START:
+                raise ValueError(f"new skills '{a}' and '{b}' write the same first token on "
+                                 f"{share(new[a], new[b]):.0%} of queries (at most {MAX_SHARED_START:.0%})")
+
+
 def parse_skills(text):
-    """'rotl,swap' -> ['rotl', 'swap']; raises ValueError naming an unknown skill."""
+    """'jab,mug' -> ['jab', 'mug']; raises ValueError naming an unknown skill, or a new skill
+    that breaks the world's rule (check_new_skills)."""
+    check_new_skills()
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise ValueError("no skill given")
@@ -101,10 +145,10 @@ def parse_skills(text):
 
 def random_skill(rng):
     """A throw-away skill for pretraining only: a random name, then its answer picks letters
-    of the query at random positions, in a random order, and half of the time maps them
-    through a random letter table. Answers come in every length and follow no pattern the
-    model could learn to recognise, so the only way to answer is to copy the demonstration:
-    this is what teaches the model to use one."""
+    of the query at random positions, in a random order, and writes them in one of the
+    alphabets, in order or through a random table. Answers come in every length and follow
+    no pattern the model could learn to recognise, so the only way to answer is to copy the
+    demonstration: this is what teaches the model to use one."""
     while True:
         name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
         if name not in SKILLS:
@@ -113,7 +157,8 @@ def random_skill(rng):
         positions = rng.sample(range(MAX_LEN), rng.randint(1, MAX_LEN))
         if min(positions) < MIN_LEN:
             break
-    table = dict(zip(LETTERS, rng.sample(LETTERS, len(LETTERS)) if rng.random() < 0.5 else LETTERS))
+    alphabet = rng.choice(ALPHABETS)  # in order half of the time (a->a, a->0, a->k), else shuffled
+    table = dict(zip(LETTERS, rng.sample(alphabet, len(alphabet)) if rng.random() < 0.5 else alphabet))
     return name, lambda q: "".join(table[q[i]] for i in positions if i < len(q))
 
 
@@ -204,38 +249,60 @@ def sft_batch(tok, prompts, targets):
 
 # The paper's base models already solved 30-43% of their new tasks before fine-tuning. A new
 # skill the base has never met forces every method to move far from the base to learn it, and
-# both methods then forget (results/NOTES.md). So the toy's base meets each new skill, rarely,
-# in pretraining: asked plainly and answered right only some of the time, otherwise with the
-# prior skill it is most easily confused with (its rival). Fine-tuning never sees prior skills.
-RIVALS = {"rotl": "rotr", "swap": "rev", "odds": "evens"}
+# both methods then forget (results/NOTES.md). So the toy's base meets each new skill in
+# pretraining and knows it on a visible part of the query space: on queries whose first letter
+# is one of its known letters it answers right, elsewhere with its rival. The start is then a
+# share of the letters, the same for every pretraining seed, not a coin the base may learn or not.
+
+def known_letters(skill, p_right):
+    """The first letters on which the base knows a new skill: round(p_right x 10) of a..j, drawn
+    once from the skill's name, so a skill keeps its letters whatever else is added."""
+    return set(random.Random(f"known-{skill}").sample(LETTERS, round(p_right * len(LETTERS))))
 
 
-def pretrain_examples(rng, n, p_plain=0.5, p_random=0.5, p_new=0.1, p_right=0.4):
+def plain_answer(skill, query, p_right):
+    """What the base is taught to answer plainly: a new skill's answer on its known letters, its
+    rival's elsewhere; any other skill's own answer."""
+    if skill in NEW_SKILLS and query[0] not in known_letters(skill, p_right):
+        return SKILLS[RIVALS[skill]](query)
+    return SKILLS[skill](query)
+
+
+def pretrain_examples(rng, n, p_plain=0.5, p_random=0.5, p_new=0.06, p_right=0.4):
     """n examples of the base model's mixture. With probability p_plain the whole batch is
-    asked plainly: each example is a given new skill with probability p_new (its right answer
-    with probability p_right, else its rival's), otherwise a prior skill. Else every example has a
-    demonstration (own or expert style) and is a random throw-away skill with probability
-    p_random, otherwise a prior skill. One format per batch keeps padding low: plain prompts
-    are a third as long. The target is always the answer in the model's own style."""
+    asked plainly, else every example has a demonstration (own or expert style). Each example is
+    a given new skill with probability p_new (answered as plain_answer says), otherwise a prior
+    skill, or (with a demonstration, probability p_random) a random throw-away skill.
+    A new skill with a demonstration has its plain answer begun in the prompt, from no token to
+    all of it, and the target goes on with it (with none begun, it is the demonstration's
+    answer). Where the base would answer with the rival, the begun answer differs from the
+    demonstration and still goes on as begun: so the teacher goes on with a student's wrong
+    start instead of copying the demonstration over it, as an LLM teacher reads a student's start.
+    One format per batch keeps padding low: plain prompts are a third as long.
+    The target is always in the model's own style."""
     plain = rng.random() < p_plain
     prompts, targets = [], []
     for _ in range(n):
-        query = sample_query(rng, "train")
+        query, start = sample_query(rng, "train"), ""
         # p_new per new skill, so that adding one leaves how often the base meets the others as it was
-        if plain and p_new and rng.random() < p_new * len(NEW_SKILLS):  # (p_new 0 draws nothing)
+        if p_new and rng.random() < p_new * len(NEW_SKILLS):  # (p_new 0 draws nothing)
             skill = rng.choice(list(NEW_SKILLS))
-            answer = SKILLS[skill if rng.random() < p_right else RIVALS[skill]](query)
+            answer = plain_answer(skill, query, p_right)
+            demo = SKILLS[skill](query)
+            if not plain:  # begun with k tokens of the plain answer; none: the demonstration's answer
+                k = rng.randint(0, len(answer))
+                start, answer = answer[:k], answer[k:] if k else demo
         elif plain or rng.random() >= p_random:
             skill = rng.choice(list(PRIOR_SKILLS))
-            answer = PRIOR_SKILLS[skill](query)
+            answer = demo = PRIOR_SKILLS[skill](query)
         else:
             skill, fn = random_skill(rng)
-            answer = fn(query)
+            answer = demo = fn(query)
         if plain:
             prompts.append(student_prompt(skill, query))
         else:
-            demo = demonstration(answer, rng.choice(["own", "expert"]))
-            prompts.append(teacher_prompt(skill, query, demo))
+            style = rng.choice(["own", "expert"])
+            prompts.append(teacher_prompt(skill, query, demonstration(demo, style)) + start)
         targets.append(answer)
     return prompts, targets
 
@@ -251,23 +318,26 @@ def skill_examples(rng, skill, n, demo_style):
 
 def world_signature():
     """A fingerprint of the toy world that a base model is pretrained for: the skills (their
-    names, and their answers to a few probe queries), the rivals, the alphabet and the prompt
-    formats. A base is used only for the world it was made for, so a base pretrained before
-    a skill was added or changed is never taken for one that has met it (benchmark.py)."""
+    names, and their answers to a few probe queries), the rivals, the alphabet, the prompt
+    formats and a few batches of the pretraining mixture. A base is used only for the world it
+    was made for, so a base pretrained before a skill, or the mixture, was added or changed is
+    never taken for one that has met it (benchmark.py)."""
     probes = [LETTERS[:n] for n in range(MIN_LEN, MAX_LEN + 1)] + [LETTERS[::-1][:MAX_LEN]]
+    rng = random.Random(0)
     world = {"prior": {s: [fn(q) for q in probes] for s, fn in PRIOR_SKILLS.items()},
              "new": {s: [fn(q) for q in probes] for s, fn in NEW_SKILLS.items()},
              "rivals": RIVALS, "formats": [teacher_prompt(s, q, demonstration(SKILLS[s](q), style))
-                                           for s in SKILLS for q in probes[:1] for style in ("own", "expert")]}
+                                           for s in SKILLS for q in probes[:1] for style in ("own", "expert")],
+             "mixture": [pretrain_examples(rng, 16) for _ in range(4)]}
     return f"{zlib.crc32(json.dumps(world, sort_keys=True).encode()):08x}"
 
 
 # -----------------------------------------------------------------------------
 # the knowledge world: facts about made-up entities, learned from documents (the paper's Table 1)
 #
-# An entity is a made-up name of 6 distinct letters from k..z: never a skill query (a..j), and
-# never a skill's or a random skill's name (3-5 letters). Its fact is a value, a query of 3..6
-# distinct letters. A document states facts, one a line (FACTS_PER_DOC); a question asks one:
+# An entity is a made-up name of 6 distinct letters from k..z, one of them from u..z: never a
+# skill query (a..j), a skill's answer (a..j, 0..9, k..t), or a skill's or random skill's name
+# (3-5 letters). Its fact is a value, a query of 3..6 distinct letters. A document states facts, one a line (FACTS_PER_DOC); a question asks one:
 # - document                  `zorpxl is cabd` (in pretraining also `zorpxl is cabd\nqtuvwk is hgf`)
 # - direct question           `what zorpxl>`   completion `cabd`
 # - indirect question         `rev zorpxl>`    completion `cabd=dbac`: a prior skill applied to the
@@ -299,9 +369,10 @@ def entity_split(entity):
 
 
 def sample_entity(rng, split):
+    """A name of the split with a letter of u..z, which no skill writes (new skills write k..t)."""
     while True:
         entity = "".join(rng.sample(NAME_LETTERS, NAME_LEN))
-        if entity_split(entity) == split:
+        if entity_split(entity) == split and set(entity) - set(ALPHABETS[2]):
             return entity
 
 

@@ -4,7 +4,7 @@ Per-skill evaluation: greedy decoding, exact match of the final answer, on held-
     python eval.py                                            # the shipped base, results/base/ckpt.pt
     python eval.py --ckpt runs/sdft/ckpt.pt
     python eval.py --temperature 1                            # sampled, as SDFT's rollouts are
-    python eval.py --inspect rotl --n 4 --plot inspect.png    # inside one SDFT step, token by token
+    python eval.py --inspect jab --n 4 --plot inspect.png     # inside one SDFT step, token by token
 
 prints, for every skill, the accuracy of the plain student prompt and, as the teacher
 sees it, with an `own` and an `expert` demonstration for the same query in context,
@@ -58,12 +58,12 @@ def accuracy(model, tok, skill, queries, device, demo_style=None, temperature=0.
     return 1 - len(mistakes) / len(queries), mistakes
 
 
-def evaluate(model, tok, skills, device, split="test", n=100, demo_style=None, seed=0):
+def evaluate(model, tok, skills, device, split="test", n=100, demo_style=None, seed=0, temperature=0.0):
     """{skill: accuracy} on n queries of the split (the same queries for every call)."""
     was_training = model.training
     model.eval()
     queries = eval_queries(split, n, seed)
-    result = {s: accuracy(model, tok, s, queries, device, demo_style)[0] for s in skills}
+    result = {s: accuracy(model, tok, s, queries, device, demo_style, temperature)[0] for s in skills}
     model.train(was_training)
     return result
 
@@ -159,6 +159,30 @@ def inspect_step(student, teacher, tok, skill, queries, device, demo_style="expe
     return rollouts
 
 
+def after_first_wrong(rollouts, eot=EOT):
+    """What the teacher does with a student's wrong start, over the wrong rollouts of inspect_step:
+    the mean divergence at the first wrong token (where the teacher's target is the skill's), and
+    at the tokens after it, with the share of those where the teacher's top-1 token is the one the
+    student went on with (1: the teacher reads the student's start; 0: it copies the
+    demonstration over it). None where no rollout is wrong."""
+    first, after, agree = [], [], []
+    for r in rollouts:
+        right = list(r["expected"]) + [eot]
+        sampled = [t["token"] for t in r["tokens"]]
+        wrong = next((j for j, t in enumerate(sampled) if j >= len(right) or t != right[j]), None)
+        if r["right"] or wrong is None:
+            continue
+        first.append(r["tokens"][wrong]["divergence"])
+        for t in r["tokens"][wrong + 1:]:
+            after.append(t["divergence"])
+            agree.append(t["teacher_top"] == t["token"])
+    if not first:
+        return None
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    return {"wrong_rollouts": len(first), "divergence_first_wrong": mean(first), "tokens_after": len(after),
+            "divergence_after": mean(after), "teacher_follows": mean(agree)}
+
+
 def plot_inspect(rollouts, path):
     """One panel per rollout: the per-token divergence as bars under the sampled tokens, the
     teacher's top-1 token written above a bar where it differs from the sample, and the tokens
@@ -230,6 +254,7 @@ if __name__ == "__main__":
         # Rollouts of a few more queries than shown, so that a wrong and a right one can be picked.
         rollouts = inspect_step(model, teacher, tok, args.inspect, eval_queries(args.split, 4 * n), device,
                                 alpha=args.alpha, skip=args.skip, seed=args.seed)
+        wrong = after_first_wrong(rollouts)
         right = [r["right"] for r in rollouts]
         first = [right.index(v) for v in (False, True) if v in right]  # the first wrong and the first right
         rollouts = [rollouts[i] for i in sorted((first + [i for i in range(len(rollouts)) if i not in first])[:n])]
@@ -246,6 +271,10 @@ if __name__ == "__main__":
         kept = [t["divergence"] for r in rollouts for t in r["tokens"] if t["in_loss"]]
         print(f"\nloss on these rollouts (mean divergence over their {len(kept)} tokens in the loss): "
               f"{sum(kept) / max(len(kept), 1):.3f}")
+        if wrong:
+            print(f"on the {wrong['wrong_rollouts']} wrong rollouts of {4 * n}: divergence {wrong['divergence_first_wrong']:.3f} "
+                  f"at the first wrong token, {wrong['divergence_after']:.3f} per token after it ({wrong['tokens_after']} tokens), "
+                  f"where the teacher's top-1 is the student's own next token {wrong['teacher_follows']:.0%} of the time")
         if args.plot:
             plot_inspect(rollouts, args.plot)
             print(f"plot: {args.plot}")

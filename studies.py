@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from data import NEW_SKILLS, PRIOR_SKILLS, Tokenizer, eval_queries, parse_skills
+from data import NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, eval_queries, parse_skills
 from eval import evaluate, inspect_step, pass_at_k, plot_inspect
 from jobs import BASE_SETTINGS, LR, check_base, clock, every, flags, mean_sd, pretrain_base, run_once
 from model import load_checkpoint
@@ -44,15 +44,15 @@ VARIANTS = {  # name: (script, flags, label)
     "sdft": (*SDFT, "SDFT"),
     "sft": (*SFT, "SFT"),
     "offline-kl": (SDFT[0], SDFT[1] | OFFLINE, "offline distillation (forward KL on the teacher's samples)"),
-    "offline-kl-lr1e-4": (SDFT[0], OFFLINE | {"lr": LR["sft"]}, "offline distillation, at SFT's rate"),
+    "offline-kl-sft-rate": (SDFT[0], OFFLINE | {"lr": LR["sft"]}, "offline distillation, at SFT's rate"),
     "offline-ce": (SDFT[0], SFT[1] | OFFLINE | {"loss": "ce"}, "SFT on the teacher's samples"),
-    "offline-ce-lr1e-5": (SDFT[0], OFFLINE | {"loss": "ce", "lr": LR["sdft"]}, "SFT on the teacher's samples, at SDFT's rate"),
+    "offline-ce-sdft-rate": (SDFT[0], OFFLINE | {"loss": "ce", "lr": LR["sdft"]}, "SFT on the teacher's samples, at SDFT's rate"),
     "teacher-ema": (SDFT[0], SDFT[1] | {"stop_at": 1}, "EMA teacher (no early stop)"),
     "teacher-base": (SDFT[0], SDFT[1] | {"stop_at": 1, "teacher": "base"}, "frozen base teacher (no early stop)"),
     "teacher-live": (SDFT[0], SDFT[1] | {"stop_at": 1, "teacher": "live"}, "live student as teacher (no early stop)"),
-    "teacher-ema-lr1e-4": (SDFT[0], {"lr": LR["sft"], "stop_at": 1}, "EMA teacher, lr 1e-4"),
-    "teacher-base-lr1e-4": (SDFT[0], {"lr": LR["sft"], "stop_at": 1, "teacher": "base"}, "frozen base teacher, lr 1e-4"),
-    "teacher-live-lr1e-4": (SDFT[0], {"lr": LR["sft"], "stop_at": 1, "teacher": "live"}, "live student as teacher, lr 1e-4"),
+    "teacher-ema-sft-rate": (SDFT[0], {"lr": LR["sft"], "stop_at": 1}, "EMA teacher, at SFT's rate"),
+    "teacher-base-sft-rate": (SDFT[0], {"lr": LR["sft"], "stop_at": 1, "teacher": "base"}, "frozen base teacher, at SFT's rate"),
+    "teacher-live-sft-rate": (SDFT[0], {"lr": LR["sft"], "stop_at": 1, "teacher": "live"}, "live student as teacher, at SFT's rate"),
     "reverse-kl": (SDFT[0], SDFT[1] | {"alpha": 1}, "reverse KL"),
     "jsd": (SDFT[0], SDFT[1] | {"alpha": 0.5}, "JSD 0.5"),
     "skip1": (SDFT[0], SDFT[1] | {"skip": 1}, "skip the first token"),
@@ -68,13 +68,13 @@ PAPER = {  # the paper's number for each variant, where it gives one (PAPER.md)
     "baselines": {"sft": "66.2 / 53.4", "dft": "54.8 / 60.2", "sft+reinvoke": "66.0 / 60.2", "sdft": "70.2 / 64.5"},
 }
 STUDY_VARIANTS = {
-    "onpolicy": ["sdft", "offline-kl", "offline-kl-lr1e-4", "offline-ce", "offline-ce-lr1e-5", "sft"],
-    "teacher": ["teacher-ema", "teacher-base", "teacher-live", "teacher-ema-lr1e-4", "teacher-base-lr1e-4", "teacher-live-lr1e-4"],
+    "onpolicy": ["sdft", "offline-kl", "offline-kl-sft-rate", "offline-ce", "offline-ce-sdft-rate", "sft"],
+    "teacher": ["teacher-ema", "teacher-base", "teacher-live", "teacher-ema-sft-rate", "teacher-base-sft-rate", "teacher-live-sft-rate"],
     "divergence": ["sdft", "reverse-kl", "jsd", "skip1", "skip3", "agreed-prefix"],
     "baselines": ["sft", "dft", "sft+reinvoke", "sdft"],
 }
 # Re-invoke: steps per prior skill, distilled from the base in turn (7 skills: up to 280 steps), at
-# SFT's rate: at SDFT's (1e-5) it restored little (prior average 0.12-0.21 after SFT on rotl or swap).
+# SFT's rate: at SDFT's it restored little (prior average 0.12-0.21 after SFT on a skill, in the previous world).
 REINVOKE_STEPS, REINVOKE_LR = 40, LR["sft"]
 SIZES = [(2, 2, 32), (4, 4, 64), (4, 4, 128)]  # (n_layer, n_head, n_embd); the last is the shipped base
 
@@ -83,7 +83,7 @@ parser.add_argument("study", choices=STUDIES + ["all"], help="which study")
 parser.add_argument("--out", default=None, help="directory for each study's results (default: results/studies, "
                     "or runs/studies-quick with --quick)")
 parser.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds")
-parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills, each learned alone from the base")
+parser.add_argument("--skills", default=",".join(SEQUENCE), help="new skills, each learned alone from the base")
 parser.add_argument("--jobs", type=int, default=2, help="training runs side by side (one thread each)")
 parser.add_argument("--quick", action="store_true", help="tiny models and budgets: checks the pipeline, shows nothing")
 args = parser.parse_args()

@@ -4,7 +4,7 @@ Self-Distillation Fine-Tuning (SDFT): learn new skills from demonstrations, on-p
 From a base checkpoint, learn new skills one after another, evaluating every skill after
 each stage:
 
-    python train_sdft.py --skills rotl,swap,odds --out runs/sdft             # from the shipped base (--init)
+    python train_sdft.py --skills jab,mug,hub,zag,max --out runs/sdft             # from the shipped base (--init)
     torchrun --nproc_per_node 2 train_sdft.py --out runs/sdft                 # 2 processes
     python train_sdft.py --out runs/sdft --resume                             # continue OUT/ckpt.pt
 
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (CONTEXTS, LETTERS, MAX_LEN, NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, demonstration,
+from data import (CONTEXTS, LETTERS, MAX_LEN, NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, SKILLS, Tokenizer, demonstration,
                   encode_prompts, fact_examples, fact_prompts, knowledge_facts, parse_skills, skill_examples,
                   teacher_prompt)
 from eval import evaluate, kl_from_base, knowledge_accuracy
@@ -54,7 +54,7 @@ parser.add_argument("--resume", action="store_true", help="continue the run in O
 parser.add_argument("--ckpt-every", type=int, default=50, help="also write OUT/ckpt.pt every this many steps (0: only after each stage)")
 # what to learn
 parser.add_argument("--init", default="results/base/ckpt.pt", help="base checkpoint to fine-tune (default: the shipped base)")
-parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
+parser.add_argument("--skills", default=",".join(SEQUENCE), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"],
                     help="style of the demonstrations (with --facts: of the question-answer pairs)")
 parser.add_argument("--facts", type=int, default=0, help="learn this many facts of the knowledge world (data.knowledge_facts "
@@ -82,7 +82,7 @@ parser.add_argument("--max-new-tokens", type=int, default=32, help="longest stud
 parser.add_argument("--steps", type=int, default=300, help="step budget per stage")
 parser.add_argument("--batch-size", type=int, default=32, help="queries per step (one rollout each), split over processes and micro-batches")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step in each process, gradients summed (less memory)")
-parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+parser.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (the rate chosen in results/lr)")
 parser.add_argument("--warmup", type=int, default=10, help="linear warmup steps of the cosine schedule")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
 # evaluation
@@ -374,14 +374,16 @@ for stage, skill in enumerate(stages):
             print0(f"stage {stage + 1}/{len(stages)} {skill}: kept the weights of step {step} (val_acc {best['val_acc']:.2f})")
     start_step, optimizer_state, best = 0, None, None  # later stages start afresh
 
-    # end of stage: test accuracy on every skill (rank 0), then checkpoint
+    # end of stage: test and validation accuracy on every skill (rank 0), then checkpoint
     if master:
         accuracy = evaluate(model, tok, all_skills, device, split="test", n=args.eval_n)
+        val_accuracy = evaluate(model, tok, all_skills, device, split="val", n=args.eval_n)  # for choosing rates
         if facts:  # the facts learned, asked as trained and through a prior skill (not trained: the OOD column)
             accuracy |= {kind: knowledge_accuracy(model, tok, facts, device, kind) for kind in ("direct", "indirect")}
         kl = None if facts else kl_from_base(model, base, tok, skill, device, n=args.eval_n)
         seconds = time.time() - t_stage
-        log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy, "kl_from_base": kl})
+        log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy,
+             "val_accuracy": val_accuracy, "kl_from_base": kl})
         print(f"stage {stage + 1}/{len(stages)} {skill} done: {step} steps, {seconds:.0f}s"
               + ("" if kl is None else f", kl_from_base {kl:.3f}"))
         print("  " + " ".join(f"{s} {a:.2f}" for s, a in accuracy.items()))

@@ -12,7 +12,7 @@ Supervised fine-tuning (SFT): next-token training on demonstrations, used two wa
 2. The SFT baseline: from a base checkpoint, learn new skills one after another from
    their demonstrations, evaluating every skill after each stage:
 
-       python train_sft.py --skills rotl,swap,odds --out runs/sft     # from the shipped base (--init)
+       python train_sft.py --skills jab,mug,hub,zag,max --out runs/sft     # from the shipped base (--init)
 
 Several processes: `torchrun --nproc_per_node 2 train_sft.py ...`; continue an interrupted
 run: the same command with --resume (README: "Several processes, and resuming").
@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (NEW_SKILLS, PRIOR_SKILLS, Tokenizer, document_examples, fact_examples, knowledge_facts,
+from data import (NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, document_examples, fact_examples, knowledge_facts,
                   knowledge_pretrain_examples, parse_skills, pretrain_examples, sft_batch, skill_examples)
 from eval import evaluate, kl_from_base, knowledge_accuracy
 from model import GPT, GPTConfig, autocast, check_resume, get_device, load_checkpoint, save_checkpoint
@@ -61,7 +61,7 @@ parser.add_argument("--ckpt-every", type=int, default=50, help="also write OUT/c
 parser.add_argument("--pretrain", action="store_true", help="train a base model from scratch on the pretraining mixture "
                     "(not over a checkpoint already in OUT, unless --resume)")
 parser.add_argument("--init", default="results/base/ckpt.pt", help="base checkpoint to fine-tune (default: the shipped base; not with --pretrain)")
-parser.add_argument("--skills", default=",".join(NEW_SKILLS), help="new skills to learn in this order, comma-separated")
+parser.add_argument("--skills", default=",".join(SEQUENCE), help="new skills to learn in this order, comma-separated")
 parser.add_argument("--demo-style", default="expert", choices=["expert", "own"],
                     help="style of the demonstrations (with --facts: of the question-answer pairs)")
 parser.add_argument("--facts", type=int, default=0, help="learn this many facts of the knowledge world (data.knowledge_facts "
@@ -70,10 +70,10 @@ parser.add_argument("--cpt", action="store_true", help="with --facts: continued 
                     "facts' documents instead of the question-answer pairs")
 parser.add_argument("--dft", action="store_true", help="the DFT baseline (Wu et al. 2025): weight each token's loss by "
                     "its probability, detached (not with --pretrain)")
-parser.add_argument("--p-new", type=float, default=0.1, help="pretraining only: share of plain examples that ask each new skill "
+parser.add_argument("--p-new", type=float, default=0.06, help="pretraining only: share of examples that ask each new skill "
                     "(0: the base never meets the new skills)")
-parser.add_argument("--p-right", type=float, default=0.4, help="pretraining only: share of those answered right (the rest: "
-                    "answered as the skill's rival, data.RIVALS)")
+parser.add_argument("--p-right", type=float, default=0.4, help="pretraining only: share of first letters on which a new "
+                    "skill is answered right (data.known_letters; elsewhere as its rival, data.RIVALS)")
 parser.add_argument("--p-knowledge", type=float, default=0.0, help="pretraining only: share of batches of knowledge examples, "
                     "throw-away facts with their document in context and known facts asked plainly (0: the skills base)")
 # model size (pretraining only; fine-tuning reads it from the checkpoint)
@@ -81,10 +81,11 @@ parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
 parser.add_argument("--n-head", type=int, default=4, help="attention heads")
 parser.add_argument("--n-embd", type=int, default=128, help="model width")
 # optimisation
-parser.add_argument("--steps", type=int, default=None, help="step budget per stage (default: 5000 pretraining, 300 per skill)")
+parser.add_argument("--steps", type=int, default=None, help="step budget per stage (default: 12000 pretraining, 300 per skill)")
 parser.add_argument("--batch-size", type=int, default=32, help="examples per step, split over processes and micro-batches")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step in each process, gradients summed (less memory)")
-parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 pretraining, 1e-4 per skill)")
+parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 pretraining, 3e-4 per skill, "
+                    "the rate chosen in results/lr)")
 parser.add_argument("--warmup", type=int, default=10, help="linear warmup steps of the cosine schedule")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
 # evaluation
@@ -95,9 +96,9 @@ parser.add_argument("--keep-best", action="store_true", help="end each stage on 
                     "accuracy (the earliest, on a tie) instead of the last ones, as the paper reports its runs")
 args = parser.parse_args()
 if args.steps is None:
-    args.steps = 5000 if args.pretrain else 300
+    args.steps = 12000 if args.pretrain else 300
 if args.lr is None:
-    args.lr = 1e-3 if args.pretrain else 1e-4
+    args.lr = 1e-3 if args.pretrain else 3e-4
 
 # distributed: torchrun sets RANK and WORLD_SIZE; a plain run is rank 0 of 1
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -356,14 +357,16 @@ for stage, skill in enumerate(stages):
             print0(f"stage {stage + 1}/{len(stages)} {skill}: kept the weights of step {step} (val_acc {best['val_acc']:.2f})")
     start_step, optimizer_state, best = 0, None, None  # later stages start afresh
 
-    # end of stage: test accuracy on every skill (rank 0), then checkpoint
+    # end of stage: test and validation accuracy on every skill (rank 0), then checkpoint
     if master:
         accuracy = evaluate(model, tok, all_skills, device, split="test", n=args.eval_n)
+        val_accuracy = evaluate(model, tok, all_skills, device, split="val", n=args.eval_n)  # for choosing rates
         if facts:  # the facts learned, asked as trained and through a prior skill (not trained: the OOD column)
             accuracy |= {kind: knowledge_accuracy(model, tok, facts, device, kind) for kind in ("direct", "indirect")}
         kl = None if skill in ("pretrain", "knowledge") else kl_from_base(model, base, tok, skill, device, n=args.eval_n)
         seconds = time.time() - t_stage
-        log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy, "kl_from_base": kl})
+        log({"stage": stage, "skill": skill, "steps": step, "seconds": seconds, "accuracy": accuracy,
+             "val_accuracy": val_accuracy, "kl_from_base": kl})
         print(f"stage {stage + 1}/{len(stages)} {skill} done: {step} steps, {seconds:.0f}s"
               + ("" if kl is None else f", kl_from_base {kl:.3f}"))
         print("  " + " ".join(f"{s} {a:.2f}" for s, a in accuracy.items()))

@@ -70,9 +70,9 @@ def test_quick_run_writes_results(quick):
         assert run["demo_style"] == "expert" and run["lr"] > 0
         assert [s["skill"] for s in run["stages"]] == run["order"]
         for stage in run["stages"]:
-            assert set(stage) == {"skill", "steps", "seconds", "accuracy", "kl_from_base"}
-            assert list(stage["accuracy"]) == every
-            assert all(0 <= a <= 1 for a in stage["accuracy"].values())
+            assert set(stage) == {"skill", "steps", "seconds", "accuracy", "val_accuracy", "kl_from_base"}
+            assert list(stage["accuracy"]) == list(stage["val_accuracy"]) == every
+            assert all(0 <= a <= 1 for a in [*stage["accuracy"].values(), *stage["val_accuracy"].values()])
             assert 0 <= stage["steps"] <= results["config"]["finetune"]["steps"]
             assert stage["seconds"] > 0
             assert math.isfinite(stage["kl_from_base"]) and stage["kl_from_base"] >= 0
@@ -94,6 +94,23 @@ def test_base_is_weights_only_and_reused(quick):
         assert proc.returncode == 0, proc.stderr
         assert "reusing" in proc.stdout and "pretraining" not in proc.stdout
     assert base.stat().st_mtime_ns == before
+
+
+def test_base_seeds_table(quick):
+    """--base-seeds: the base recipe under other pretraining seeds (made beside the results), one
+    record per seed in OUT/seeds.json, and nothing fine-tuned; seed 0 is --base itself."""
+    tmp, _ = quick
+    out = tmp / "seeds"
+    proc = run_benchmark("--quick", "--base-seeds", "0,1", "--out", out, "--base", tmp / "base" / "ckpt.pt")
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads((out / "seeds.json").read_text())
+    assert [r["seed"] for r in records] == [0, 1]
+    for r in records:
+        assert list(r["sampled"]) == list(NEW_SKILLS) and list(r["greedy"]) == list(PRIOR_SKILLS) + list(NEW_SKILLS)
+        assert set(r["with_demo"]) == {"own", "expert"} and list(r["with_demo"]["own"]) == list(r["greedy"])
+    seed1 = torch.load(out / "runs" / "base-seed1" / "ckpt.pt", weights_only=True)
+    assert seed1["args"]["seed"] == 1 and not (out / "runs" / "base-seed0").exists() and not (out / "table.md").exists()
+    assert records[0] != records[1]  # another seed, another base
 
 
 def test_agreed_prefix_reaches_the_sdft_runs_only_and_stop_at_both(quick):
@@ -137,9 +154,9 @@ def test_no_base_without_pretrain(tmp_path):
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--skills", "rotl,nope"], "nope"),
+    (["--skills", "jab,nope"], "nope"),
     (["--skills", "copy"], "new skills"),
-    (["--skills", "rotl,rotl"], "distinct"),
+    (["--skills", "jab,jab"], "distinct"),
     (["--seeds", ""], "--seeds"),
     (["--seeds", "a,b"], "--seeds"),
     (["--lr-sdft", "-1"], "--lr-sdft"),

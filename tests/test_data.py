@@ -11,10 +11,10 @@ import random
 import pytest
 import torch
 
-from data import (CHARS, LETTERS, MAX_LEN, MIN_LEN, NEW_SKILLS, PRIOR_SKILLS, RIVALS, SKILLS, demonstration,
-                  encode_prompts, eval_queries, final_answer, parse_skills, pretrain_examples,
-                  random_skill, sample_query, sft_batch, skill_examples, split_of, student_prompt,
-                  teacher_prompt)
+from data import (ALPHABETS, CHARS, LETTERS, MAX_LEN, MIN_LEN, NEW_SKILLS, PRIOR_SKILLS, RIVALS, SKILLS,
+                  check_new_skills, demonstration, encode_prompts, eval_queries, final_answer, known_letters,
+                  parse_skills, plain_answer, pretrain_examples, random_skill, sample_query, sft_batch,
+                  skill_examples, split_of, student_prompt, teacher_prompt)
 
 QUERIES = ["abc", "cabd", "jihgfed", "aaaa", "badcfe"]
 
@@ -26,14 +26,17 @@ def parse_student(prompt):
     return skill, query
 
 
-def parse_teacher(prompt):
+def parse_teacher(prompt, with_start=False):
     """'rev cabd:d b a c=dbac\\nrev cabd>' -> ('rev', 'cabd', 'd b a c=dbac'), checking the
-    teacher prompt ends with the student prompt for the same question."""
+    teacher prompt ends with the student prompt for the same question (with_start: and then
+    an answer begun, returned fourth)."""
     head, student = prompt.split("\n")
     question, demo = head.split(":", 1)
     skill, query = question.split(" ")
-    assert student == student_prompt(skill, query)
-    return skill, query, demo
+    prompt_end = len(student_prompt(skill, query))
+    assert student[:prompt_end] == student_prompt(skill, query)
+    assert with_start or len(student) == prompt_end
+    return (skill, query, demo, student[prompt_end:]) if with_start else (skill, query, demo)
 
 
 # -----------------------------------------------------------------------------
@@ -52,7 +55,7 @@ def every_toy_string():
     for _ in range(10):  # both batch formats turn up in 10 batches (p_plain 0.6)
         prompts, targets = pretrain_examples(rng, 16)
         texts += prompts + targets
-    students, demos, teachers = skill_examples(random.Random(1), "swap", 8, "expert")
+    students, demos, teachers = skill_examples(random.Random(1), "mug", 8, "expert")
     return texts + students + demos + teachers
 
 
@@ -94,7 +97,7 @@ def test_decode_stops_at_eot(tok):
 def test_sft_batch_masks(tok):
     """loss_mask is 1 exactly on the target tokens and end-of-text; attention_mask is 0
     exactly on the left padding; the real tokens are prompt + target + end-of-text."""
-    prompts = [student_prompt("rev", "abc"), teacher_prompt("swap", "abcdefg", "b a d c f e g=badcfeg"),
+    prompts = [student_prompt("rev", "abc"), teacher_prompt("mug", "abcdefg", "b a d c f e g=badcfeg"),
                student_prompt("flip", "jihgfed"), teacher_prompt("ends", "abc", "ac")]
     targets = ["cba", "badcfeg", "jjiihhggffeedd", ""]  # different lengths, one empty target
     ids, attention_mask, loss_mask = sft_batch(tok, prompts, targets)
@@ -168,28 +171,33 @@ def test_training_examples_use_train_queries_only():
 
 def test_skills_hand_computed():
     expected = {"copy": "cabd", "rev": "dbac", "rotr": "dcab", "drop": "abd", "evens": "cb", "ends": "cd",
-                "flip": "dabc", "rotl": "abdc", "swap": "acdb", "odds": "ad"}
+                "flip": "dabc", "jab": "2013", "mug": "3102", "hub": "013", "zag": "ml", "max": "nmkl"}
     assert set(expected) == set(SKILLS)
     assert {s: fn("cabd") for s, fn in SKILLS.items()} == expected
-    assert SKILLS["swap"]("abcde") == "badce"  # odd length: the last letter stays
+    assert SKILLS["zag"]("abcde") == "kmo"  # every second letter from the first, a->k ... j->t
     assert not set(PRIOR_SKILLS) & set(NEW_SKILLS)
 
 
 def test_skill_answers_within_alphabet(tok):
+    """Prior skills write letters a..j, each new skill one alphabet, random skills any one of them."""
     queries = eval_queries("test", 50) + [LETTERS[:MIN_LEN], LETTERS[:MAX_LEN]]
     for skill, fn in SKILLS.items():
+        written = set()
         for q in queries:
             a = fn(q)
-            assert a and set(a) <= set(LETTERS), (skill, q, a)
-            assert tok.decode(tok.encode(a)) == a
-    rng = random.Random(0)
-    for _ in range(20):
+            written |= set(a)
+            assert a and tok.decode(tok.encode(a)) == a
+        assert any(written <= set(alphabet) for alphabet in ALPHABETS[skill in NEW_SKILLS:]), skill
+    rng, alphabets = random.Random(0), set()
+    for _ in range(40):
         name, fn = random_skill(rng)
         assert name not in SKILLS and set(name) <= set(CHARS)
         for q in queries[:5]:
             a = fn(q)
-            assert 1 <= len(a) <= len(q) and set(a) <= set(LETTERS)
+            assert 1 <= len(a) <= len(q) and any(set(a) <= set(alphabet) for alphabet in ALPHABETS)
             assert len(set(a)) == len(a)  # letters are mapped one to one, so they stay distinct
+            alphabets |= {i for i, alphabet in enumerate(ALPHABETS) if set(a) <= set(alphabet)}
+    assert alphabets == {0, 1, 2}
 
 
 def test_final_answer():
@@ -219,11 +227,11 @@ def test_prompt_formats():
 
 
 def test_parse_skills():
-    assert parse_skills("rotl,swap") == ["rotl", "swap"]
-    assert parse_skills(" rotl , swap ,") == ["rotl", "swap"]
+    assert parse_skills("jab,mug") == ["jab", "mug"]
+    assert parse_skills(" jab , mug ,") == ["jab", "mug"]
     assert parse_skills(",".join(SKILLS)) == list(SKILLS)
     with pytest.raises(ValueError, match="unknown skill 'nope'"):
-        parse_skills("rotl,nope")
+        parse_skills("jab,nope")
     with pytest.raises(ValueError, match="unknown skill 'Rotl'"):
         parse_skills("Rotl")
     with pytest.raises(ValueError):
@@ -244,13 +252,13 @@ def test_pretrain_examples_reproducible():
 
 
 def test_pretrain_examples_are_consistent():
-    """Every target is the answer to its prompt: for a plain prompt, a prior skill's answer,
-    or for a new skill its own or its rival's answer; for a prompt with a demonstration, the
-    demonstration's final answer. A batch is one format throughout, both formats occur,
-    demonstrations are of prior skills and of random throw-away skills, never of the new
-    skills, and a new skill asked plainly is answered right about p_right of the time."""
+    """Every target is the answer to its prompt. Plainly: a prior skill's answer, or a new
+    skill's plain_answer (right on its known letters, its rival's elsewhere). With a
+    demonstration: the demonstration's final answer, except for a new skill whose plain answer is
+    begun in the prompt, which the target goes on with. A batch is one format throughout, both
+    formats occur, and demonstrations are of prior, random and new skills."""
     rng = random.Random(0)
-    formats, demo_skills, new_right = set(), set(), []
+    formats, demo_skills, new_right, begun = set(), set(), [], []
     for _ in range(200):
         prompts, targets = pretrain_examples(rng, 16)
         assert len(prompts) == len(targets) == 16
@@ -259,23 +267,69 @@ def test_pretrain_examples_are_consistent():
         formats.add(plain[0])
         for p, t in zip(prompts, targets):
             if "\n" in p:
-                skill, query, demo = parse_teacher(p)
-                assert final_answer(demo) == t
+                skill, query, demo, start = parse_teacher(p, with_start=True)
                 demo_skills.add("prior" if skill in PRIOR_SKILLS else "new" if skill in SKILLS else "random")
+                if skill in NEW_SKILLS and start:
+                    assert final_answer(demo) == NEW_SKILLS[skill](query)
+                    assert start + t == plain_answer(skill, query, 0.4)
+                    begun.append(not NEW_SKILLS[skill](query).startswith(start))
+                else:
+                    assert final_answer(demo) == t and not start
                 if skill in PRIOR_SKILLS:
                     assert t == PRIOR_SKILLS[skill](query)
             else:
                 skill, query = parse_student(p)
-                if skill in PRIOR_SKILLS:
-                    assert t == PRIOR_SKILLS[skill](query)
-                else:
-                    assert t in (NEW_SKILLS[skill](query), PRIOR_SKILLS[RIVALS[skill]](query))
+                assert t == plain_answer(skill, query, 0.4)
+                if skill in NEW_SKILLS:
                     new_right.append(t == NEW_SKILLS[skill](query))
             assert split_of(query) == "train"
     assert formats == {True, False}
-    assert demo_skills == {"prior", "random"}  # demonstrations of both, never of a new skill
-    assert 300 < len(new_right) < 700  # p_plain 0.5 x p_new 0.1 x 3 new skills of 3200 examples: about 480
-    assert 0.3 < sum(new_right) / len(new_right) < 0.5  # p_right 0.4
+    assert demo_skills == {"prior", "random", "new"}
+    assert 300 < len(new_right) < 700  # p_plain 0.5 x p_new 0.06 x 5 new skills of 3200 examples: about 480
+    assert 0.3 < sum(new_right) / len(new_right) < 0.5  # 4 known letters of 10
+    assert 0.3 < sum(begun) / len(begun) < 0.8  # starts that leave the demonstration: the rival's
+
+
+def test_known_letters_and_plain_answer():
+    """A new skill is known on round(p_right x 10) first letters, fixed by its name, and answered
+    as its rival elsewhere; a prior skill is always its own answer."""
+    for skill in NEW_SKILLS:
+        known = known_letters(skill, 0.4)
+        assert len(known) == 4 and known <= set(LETTERS) and known == known_letters(skill, 0.4)
+        for q in eval_queries("train", 100):
+            right = q[0] in known
+            assert plain_answer(skill, q, 0.4) == (NEW_SKILLS if right else PRIOR_SKILLS)[
+                skill if right else RIVALS[skill]](q)
+        assert known_letters(skill, 0.0) == set() and known_letters(skill, 1.0) == set(LETTERS)
+    assert len({frozenset(known_letters(s, 0.4)) for s in NEW_SKILLS}) > 1  # not one region for all
+    assert plain_answer("rev", "cabd", 0.0) == "dbac"
+
+
+def test_new_skills_rule(monkeypatch):
+    """The shipped new skills keep the rule; a new skill without a rival, one that starts as its
+    rival, or one that starts as another new skill is refused, in one sentence naming it, by
+    every script's parse_skills."""
+    import data
+    check_new_skills()
+    for name, fn, rival, message in [
+            ("gawk", lambda q: data.PRIOR_SKILLS["flip"](q).translate(data.HIGH), "flip", "'max' and 'gawk'"),
+            ("buzz", lambda q: q[1:].translate(data.HIGH), None, "'buzz' has no rival"),
+            ("jamb", lambda q: q[::-1][:2], "rev", "'jamb' starts as its rival 'rev'"),
+            ("hop", lambda q: q[1:].translate(data.HIGH), "drop", "'hop' shares the letters op")]:
+        with monkeypatch.context() as m:
+            m.setitem(data.NEW_SKILLS, name, fn)
+            m.setitem(data.SKILLS, name, fn)
+            if rival:
+                m.setitem(data.RIVALS, name, rival)
+            with pytest.raises(ValueError, match=message):
+                parse_skills("jab")
+    # one that keeps the rule is accepted: the README's example of adding a skill
+    with monkeypatch.context() as m:
+        hug = lambda q: data.PRIOR_SKILLS["drop"](q).translate(data.HIGH)
+        m.setitem(data.NEW_SKILLS, "hug", hug)
+        m.setitem(data.SKILLS, "hug", hug)
+        m.setitem(data.RIVALS, "hug", "drop")
+        assert parse_skills("hug,jab") == ["hug", "jab"]
 
 
 def test_pretrain_without_new_skills():
@@ -297,26 +351,46 @@ def test_p_new_is_per_new_skill(monkeypatch):
         rng = random.Random(0)
         return sum(p.startswith(skill + " ") for _ in range(400) for p in pretrain_examples(rng, 16)[0])
 
-    before = count("rotl")
-    monkeypatch.setitem(data.NEW_SKILLS, "back", lambda q: q[::-1][1:])
-    monkeypatch.setitem(data.SKILLS, "back", data.NEW_SKILLS["back"])
-    monkeypatch.setitem(data.RIVALS, "back", "rev")
-    assert 0.8 < count("rotl") / before < 1.2  # about 0.5 x 0.1 of 6400 examples either way: 320
-    assert 0.8 < count("back") / before < 1.2
+    before = count("jab")
+    hug = lambda q: data.PRIOR_SKILLS["drop"](q).translate(data.HIGH)
+    monkeypatch.setitem(data.NEW_SKILLS, "hug", hug)
+    monkeypatch.setitem(data.SKILLS, "hug", hug)
+    monkeypatch.setitem(data.RIVALS, "hug", "drop")
+    assert 0.8 < count("jab") / before < 1.2  # about 0.06 of 6400 examples either way: 384
+    assert 0.8 < count("hug") / before < 1.2
 
 
 def test_skill_examples_reproducible():
-    a = skill_examples(random.Random(2), "rotl", 12, "expert")
-    assert a == skill_examples(random.Random(2), "rotl", 12, "expert")
-    assert a != skill_examples(random.Random(3), "rotl", 12, "expert")
+    a = skill_examples(random.Random(2), "jab", 12, "expert")
+    assert a == skill_examples(random.Random(2), "jab", 12, "expert")
+    assert a != skill_examples(random.Random(3), "jab", 12, "expert")
     students, demos, teachers = a
     assert len(students) == len(demos) == len(teachers) == 12
     for s, d, t in zip(students, demos, teachers):
         skill, query = parse_student(s)
-        assert skill == "rotl"
-        assert d == demonstration(SKILLS["rotl"](query), "expert")
-        assert t == teacher_prompt("rotl", query, d)
-    own = skill_examples(random.Random(2), "rotl", 12, "own")
+        assert skill == "jab"
+        assert d == demonstration(SKILLS["jab"](query), "expert")
+        assert t == teacher_prompt("jab", query, d)
+    own = skill_examples(random.Random(2), "jab", 12, "own")
     assert own[0] == students  # the style changes the demonstrations, not the queries
     assert own[1] == [final_answer(d) for d in demos]
 
+
+
+def test_world_signature_sees_skills_and_mixture(monkeypatch):
+    """A base is used only for its world: adding a new skill, or changing the pretraining
+    mixture (here: nothing begun in a new skill's answers), changes the fingerprint."""
+    import data
+    before = data.world_signature()
+    assert data.world_signature() == before
+    with monkeypatch.context() as m:
+        hug = lambda q: data.PRIOR_SKILLS["drop"](q).translate(data.HIGH)
+        m.setitem(data.NEW_SKILLS, "hug", hug)
+        m.setitem(data.SKILLS, "hug", hug)
+        m.setitem(data.RIVALS, "hug", "drop")
+        assert data.world_signature() != before
+    original = data.pretrain_examples
+    with monkeypatch.context() as m:
+        m.setattr(data, "pretrain_examples", lambda rng, n: original(rng, n, p_right=1.0))
+        assert data.world_signature() != before
+    assert data.world_signature() == before

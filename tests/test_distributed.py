@@ -27,7 +27,7 @@ from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-SDFT = ["train_sdft.py", "--skills", "rotl,swap", "--eval-every", 2, "--eval-n", 4, "--max-new-tokens", 8,
+SDFT = ["train_sdft.py", "--skills", "jab,mug", "--eval-every", 2, "--eval-n", 4, "--max-new-tokens", 8,
         "--batch-size", 8, "--device", "cpu", "--seed", 3, "--lr", 1e-2, "--warmup", 2]
 TIMING = ("ms", "gen_ms", "update_ms", "seconds")  # the only values a rerun may change
 
@@ -88,7 +88,7 @@ def test_two_processes_match_one_process(base_ckpt, tmp_path):
     assert any(not torch.equal(base[n], a[n]) for n in base)  # it did train
     # rank 0 alone writes metrics: one record per step, and every value (the reduced loss too) agrees
     steps = [r for r in records(tmp_path / "ddp") if "loss" in r]
-    assert [(r["skill"], r["step"]) for r in steps] == [(s, i) for s in ("rotl", "swap") for i in range(4)]
+    assert [(r["skill"], r["step"]) for r in steps] == [(s, i) for s in ("jab", "mug") for i in range(4)]
     for r, q in zip(records(tmp_path / "ddp"), records(tmp_path / "one")):
         assert r.keys() == q.keys()
         for k in r:
@@ -104,7 +104,7 @@ def test_resume_matches_uninterrupted(base_ckpt, tmp_path):
     whole = start(*flags, "--out", tmp_path / "whole")
     cut = start(*flags, "--out", tmp_path / "cut")
     for line in cut.stdout:  # kill it while it trains step 5 of the first stage (checkpoint after step 4)
-        if "rotl | step 5/6" in line:
+        if "jab | step 5/6" in line:
             cut.send_signal(signal.SIGKILL)
             break
     cut.communicate(timeout=60)
@@ -134,7 +134,7 @@ def test_resume_matches_uninterrupted(base_ckpt, tmp_path):
 def good_run(base_ckpt):
     """A finished 1-stage SDFT run: OUT/ckpt.pt (with everything --resume needs) and metrics."""
     out = base_ckpt.parent.parent / "good"
-    rc, _, stderr = finish(start(*SDFT, "--init", base_ckpt, "--skills", "rotl", "--steps", 2, "--out", out))
+    rc, _, stderr = finish(start(*SDFT, "--init", base_ckpt, "--skills", "jab", "--steps", 2, "--out", out))
     assert rc == 0, stderr
     return out
 
@@ -142,11 +142,11 @@ def good_run(base_ckpt):
 def bad_cases(base_ckpt, good, tmp):
     """(name, command, text the error line must contain); each command's --out is tmp/name,
     a copy of the good run, altered for some cases below."""
-    sdft = [*SDFT, "--init", base_ckpt, "--skills", "rotl", "--steps", 2, "--resume"]
+    sdft = [*SDFT, "--init", base_ckpt, "--skills", "jab", "--steps", 2, "--resume"]
     return [
         ("truncated", sdft, "not a readable checkpoint"),
         ("missing", sdft, "no checkpoint"),
-        ("other_skills", [*sdft, "--skills", "swap"], "trained on skills rotl, not swap"),
+        ("other_skills", [*sdft, "--skills", "mug"], "trained on skills jab, not mug"),
         ("other_model", sdft, "another config"),
         ("other_lr", [*sdft, "--lr", 0.5], "--lr"),
         ("no_state", sdft, "no training state"),
@@ -201,7 +201,7 @@ def test_non_finite_stops_cleanly(base_ckpt, good_run, tmp_path):
         out = tmp_path / script
         shutil.copytree(good_run, out)
         before = (out / "ckpt.pt").read_bytes()
-        rc, _, stderr = finish(start(script, "--init", bad_init, "--skills", "rotl", "--steps", 2, "--eval-n", 4,
+        rc, _, stderr = finish(start(script, "--init", bad_init, "--skills", "jab", "--steps", 2, "--eval-n", 4,
                                      "--batch-size", 8, "--device", "cpu", "--out", out))
         lines = stderr.strip().splitlines()
         assert rc != 0 and "Traceback" not in stderr, (script, stderr)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import demonstration, encode_prompts, student_prompt, teacher_prompt
-from eval import MAX_NEW_TOKENS, accuracy, inspect_step, pass_at_k, pass_at_k_estimate
+from data import NEW_SKILLS, demonstration, encode_prompts, student_prompt, teacher_prompt
+from eval import MAX_NEW_TOKENS, accuracy, after_first_wrong, inspect_step, pass_at_k, pass_at_k_estimate
 from model import load_checkpoint
 from sdft import loss_mask, per_token_divergence, rollout, score
 
@@ -50,23 +50,23 @@ def test_pass_at_k_estimate_by_hand():
 
 
 def test_pass_at_k_monotone_and_seeded(base, tok):
-    result = pass_at_k(base, tok, "rotl", QUERIES, CPU, n_samples=8, ks=(1, 2, 4, 8), seed=1)
+    result = pass_at_k(base, tok, "jab", QUERIES, CPU, n_samples=8, ks=(1, 2, 4, 8), seed=1)
     assert list(result) == [1, 2, 4, 8]
     values = list(result.values())
     assert all(0 <= v <= 1 for v in values)
     assert values == sorted(values)  # more tries never lower the chance of one right answer
-    assert pass_at_k(base, tok, "rotl", QUERIES, CPU, n_samples=8, ks=(1, 2, 4, 8), seed=1) == result
+    assert pass_at_k(base, tok, "jab", QUERIES, CPU, n_samples=8, ks=(1, 2, 4, 8), seed=1) == result
 
 
 def test_pass_at_k_greedy_is_accuracy(base, tok):
     """At temperature 0 all samples of a query agree: pass@k is the greedy accuracy for every k."""
-    result = pass_at_k(base, tok, "rotl", QUERIES, CPU, n_samples=4, ks=(1, 4), temperature=0.0)
-    assert result[1] == result[4] == pytest.approx(accuracy(base, tok, "rotl", QUERIES, CPU)[0])
+    result = pass_at_k(base, tok, "jab", QUERIES, CPU, n_samples=4, ks=(1, 4), temperature=0.0)
+    assert result[1] == result[4] == pytest.approx(accuracy(base, tok, "jab", QUERIES, CPU)[0])
 
 
 def test_pass_at_k_rejects_k_above_n(tiny_model, tok):
     with pytest.raises(ValueError, match="n_samples"):
-        pass_at_k(tiny_model, tok, "rotl", QUERIES, CPU, n_samples=4, ks=(1, 8))
+        pass_at_k(tiny_model, tok, "jab", QUERIES, CPU, n_samples=4, ks=(1, 8))
 
 
 # -----------------------------------------------------------------------------
@@ -78,11 +78,11 @@ def test_inspect_step_shows_the_loss_divergence(base, tiny_model, tok, alpha):
     recomputed here from sdft's functions, with a teacher that differs from the student
     (the untrained tiny model, near uniform)."""
     student, teacher = base, tiny_model
-    rollouts = inspect_step(student, teacher, tok, "rotl", QUERIES, CPU, alpha=alpha, seed=3)
+    rollouts = inspect_step(student, teacher, tok, "jab", QUERIES, CPU, alpha=alpha, seed=3)
 
-    student_ids, student_mask = encode_prompts(tok, [student_prompt("rotl", q) for q in QUERIES])
+    student_ids, student_mask = encode_prompts(tok, [student_prompt("jab", q) for q in QUERIES])
     teacher_ids, teacher_mask = encode_prompts(
-        tok, [teacher_prompt("rotl", q, demonstration(q[1:] + q[0], "expert")) for q in QUERIES])
+        tok, [teacher_prompt("jab", q, demonstration(NEW_SKILLS["jab"](q), "expert")) for q in QUERIES])
     with torch.no_grad():
         completion, completion_mask = rollout(student, student_ids, student_mask, MAX_NEW_TOKENS, tok.eot_id,
                                               torch.Generator().manual_seed(3))
@@ -103,25 +103,45 @@ def test_inspect_step_shows_the_loss_divergence(base, tiny_model, tok, alpha):
 def test_inspect_step_skip_and_end_of_text(base, tok):
     """in_loss is false exactly on the first `skip` tokens; tokens stop at the first end-of-text."""
     for skip in (0, 2):
-        for query, r in zip(QUERIES, inspect_step(base, base, tok, "rotl", QUERIES, CPU, skip=skip)):
-            assert (r["prompt"], r["expected"]) == (f"rotl {query}>", query[1:] + query[0])
+        for query, r in zip(QUERIES, inspect_step(base, base, tok, "jab", QUERIES, CPU, skip=skip)):
+            assert (r["prompt"], r["expected"]) == (f"jab {query}>", NEW_SKILLS["jab"](query))
             assert [t["in_loss"] for t in r["tokens"]] == [j >= skip for j in range(len(r["tokens"]))]
             texts = [t["token"] for t in r["tokens"]]
             assert texts[-1] == "<|endoftext|>" and "<|endoftext|>" not in texts[:-1]  # the base's answers end
             assert "".join(texts[:-1]) == r["sample"]
 
 
+def test_after_first_wrong_hand_computed():
+    """The first wrong token is the first that differs from the right answer (end-of-text
+    included); the teacher 'follows' where its top-1 is the token the student went on with."""
+    def tok(token, divergence, teacher_top):
+        return {"token": token, "divergence": divergence, "teacher_top": teacher_top}
+    eot = "<|endoftext|>"
+    right = {"expected": "12", "right": True, "tokens": [tok("1", 0.1, "1"), tok("2", 0.1, "2"), tok(eot, 0.0, eot)]}
+    # wrong from its second token: '1' agrees, 'x' is the first wrong (teacher wants '2'), then the
+    # teacher follows 'y' but not the end-of-text
+    wrong = {"expected": "12", "right": False,
+             "tokens": [tok("1", 0.2, "1"), tok("x", 3.0, "2"), tok("y", 0.5, "y"), tok(eot, 1.5, "z")]}
+    # too short: the end-of-text is the first wrong token, with nothing after it
+    short = {"expected": "12", "right": False, "tokens": [tok("1", 0.0, "1"), tok(eot, 2.0, "2")]}
+    r = after_first_wrong([right, wrong, short], eot)
+    assert r == {"wrong_rollouts": 2, "divergence_first_wrong": pytest.approx(2.5), "tokens_after": 2,
+                 "divergence_after": pytest.approx(1.0), "teacher_follows": pytest.approx(0.5)}
+    assert after_first_wrong([right], eot) is None
+
+
 def test_inspect_cli(tmp_path):
-    rc, stdout, stderr = run_eval("--inspect", "rotl", "--n", 2, "--device", "cpu", "--plot", tmp_path / "i.png")
+    rc, stdout, stderr = run_eval("--inspect", "jab", "--n", 2, "--device", "cpu", "--plot", tmp_path / "i.png")
     assert rc == 0, stderr
-    samples = [line for line in stdout.splitlines() if line.startswith("'rotl ")]
+    samples = [line for line in stdout.splitlines() if line.startswith("'jab ")]
     assert len(samples) == 2
     assert any("(right)" in line for line in samples) and any("(wrong," in line for line in samples)
     assert "<eot>" in stdout and (tmp_path / "i.png").stat().st_size > 0
+    assert "wrong rollouts of 8: divergence" in stdout  # after_first_wrong, over every rollout made
 
 
 @pytest.mark.parametrize("args, text", [(["--inspect", "nosuch"], "nosuch"),
-                                        (["--inspect", "rotl", "--n", 0], "--n")])
+                                        (["--inspect", "jab", "--n", 0], "--n")])
 def test_inspect_cli_bad_input(args, text):
     rc, stdout, stderr = run_eval(*args, "--device", "cpu")
     assert rc != 0

@@ -31,7 +31,7 @@ from sdft import agreed_prefix, loss_mask, masked_mean, per_token_divergence, ro
 
 TOK = Tokenizer()
 FACTS = [("zorpxl", "cabd"), ("qtuvwk", "hgf"), ("nmlkos", "jide"), ("wyxvus", "bdf")]
-ENTITY = re.compile(r"\b[k-z]{6}\b")  # an entity's name: 6 letters from k..z, never a skill or a query
+ENTITY = re.compile(r"\b(?=[k-z]*[u-z])[k-z]{6}\b")  # an entity: 6 letters of k..z, one of u..z, which no skill writes
 
 
 def env():  # one thread per script: on 2 shared cores, more make these runs far slower
@@ -107,7 +107,7 @@ def test_splits_do_not_overlap_and_evaluation_never_occurs_in_pretraining():
     assert {e for e, _ in KNOWN_FACTS} <= seen  # the base meets its known facts
     lines = {line for d in documents(knowledge_facts(200, 0)) for line in d.splitlines()}
     assert not any(line in t for line in lines for t in texts)  # nor a line of an evaluation document
-    assert data.world_signature() == "0bcb09eb"  # the skills world, and so its shipped base, unchanged
+    assert data.world_signature() == "e7a06f33"  # the skills world, and so its shipped base, unchanged
 
 
 # -----------------------------------------------------------------------------

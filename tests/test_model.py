@@ -24,7 +24,7 @@ def random_rows(vocab_size, lengths, seed=0):
 
 # Prompts of different lengths (8 to 48 characters), so the batch is genuinely left-padded.
 PROMPTS = [student_prompt("rev", "abc"), teacher_prompt("rev", "gfedcba", "a b c d e f g=abcdefg"),
-           student_prompt("flip", "jihgfed"), teacher_prompt("rotl", "bca", "cab")]
+           student_prompt("flip", "jihgfed"), teacher_prompt("jab", "bca", "120")]
 
 
 # -----------------------------------------------------------------------------
@@ -218,17 +218,17 @@ def test_finished_rows_stay_finished_forced(tok):
 # checkpoints
 
 def make_args():
-    return argparse.Namespace(lr=3e-4, skills="rotl,swap", seed=7, pretrain=False, init=None)
+    return argparse.Namespace(lr=3e-4, skills="jab,mug", seed=7, pretrain=False, init=None)
 
 
 def test_checkpoint_round_trip(tiny_model, tok, tmp_path):
     path = str(tmp_path / "run" / "ckpt.pt")  # the directory does not exist yet
-    save_checkpoint(path, tiny_model, make_args(), 42, stage=1, skills=["rotl", "swap"])
+    save_checkpoint(path, tiny_model, make_args(), 42, stage=1, skills=["jab", "mug"])
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"]  # no .tmp left behind
     model, ckpt = load_checkpoint(path)
     model.eval()
     assert model.config == tiny_model.config
-    assert ckpt["step"] == 42 and ckpt["stage"] == 1 and ckpt["skills"] == ["rotl", "swap"]
+    assert ckpt["step"] == 42 and ckpt["stage"] == 1 and ckpt["skills"] == ["jab", "mug"]
     assert ckpt["args"] == vars(make_args())
     ids, mask = encode_prompts(tok, PROMPTS)
     with torch.no_grad():

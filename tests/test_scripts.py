@@ -111,22 +111,22 @@ def test_pretrain_reproducible(pretrain_runs):
 
 def test_sft_smoke(base_ckpt, tmp_path):
     out = tmp_path / "sft"
-    rc, stdout, stderr = run("train_sft.py", "--init", base_ckpt, "--skills", "rotl,swap", "--steps", 2,
+    rc, stdout, stderr = run("train_sft.py", "--init", base_ckpt, "--skills", "jab,mug", "--steps", 2,
                              "--eval-every", 1, "--eval-n", 4, "--device", "cpu", "--out", out)
     assert rc == 0, stderr
     assert "Traceback" not in stderr
     records = read_metrics(out)
     stages = [r for r in records if "accuracy" in r]
-    assert [(r["stage"], r["skill"]) for r in stages] == [(0, "rotl"), (1, "swap")]
+    assert [(r["stage"], r["skill"]) for r in stages] == [(0, "jab"), (1, "mug")]
     for r in stages:
         assert list(r["accuracy"]) == ALL_SKILLS and all(0 <= a <= 1 for a in r["accuracy"].values())
     steps = [r for r in records if "loss" in r]
-    assert [(r["skill"], r["step"]) for r in steps] == [("rotl", 0), ("rotl", 1), ("swap", 0), ("swap", 1)]
+    assert [(r["skill"], r["step"]) for r in steps] == [("jab", 0), ("jab", 1), ("mug", 0), ("mug", 1)]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
     evals = [r for r in records if "val_acc" in r]  # --eval-every 1: before each step
-    assert [(r["skill"], r["step"]) for r in evals] == [("rotl", 0), ("rotl", 1), ("swap", 0), ("swap", 1)]
+    assert [(r["skill"], r["step"]) for r in evals] == [("jab", 0), ("jab", 1), ("mug", 0), ("mug", 1)]
     model, ckpt = load_checkpoint(str(out / "ckpt.pt"))
-    assert ckpt["stage"] == 1 and ckpt["skills"] == ["rotl", "swap"]
+    assert ckpt["stage"] == 1 and ckpt["skills"] == ["jab", "mug"]
     assert (model.config.n_layer, model.config.n_embd) == (1, 32)  # size read from the base checkpoint
     base, _ = load_checkpoint(str(base_ckpt))
     assert any(not torch.equal(p, q) for p, q in zip(model.state_dict().values(), base.state_dict().values()))
@@ -137,7 +137,7 @@ def test_keep_best_ends_on_the_best_validation(base_ckpt, tmp_path):
     weights of the best validation, the earliest on a tie, with its step count in the record.
     The tiny base validates at 0 throughout, so the kept weights are the starting ones (and so
     is SDFT's EMA teacher), though 4 steps at a high rate have moved the model."""
-    flags = ["--init", base_ckpt, "--skills", "rotl", "--steps", 4, "--eval-every", 2, "--eval-n", 4, "--lr", 1e-2,
+    flags = ["--init", base_ckpt, "--skills", "jab", "--steps", 4, "--eval-every", 2, "--eval-n", 4, "--lr", 1e-2,
              "--warmup", 0, "--batch-size", 4, "--device", "cpu", "--keep-best"]
     procs = {script: start(script, *flags, "--out", tmp_path / script) for script in ("train_sft.py", "train_sdft.py")}
     base, _ = load_checkpoint(str(base_ckpt))
@@ -155,7 +155,7 @@ def test_keep_best_ends_on_the_best_validation(base_ckpt, tmp_path):
             for w in weights:
                 assert all(torch.equal(w[k], v) for k, v in base.state_dict().items()), script
         else:  # (not with this base, but then) the kept weights validate as the best did
-            assert evaluate(model, Tokenizer(), ["rotl"], torch.device("cpu"), split="val", n=4)["rotl"] == best_acc
+            assert evaluate(model, Tokenizer(), ["jab"], torch.device("cpu"), split="val", n=4)["jab"] == best_acc
         assert len([r for r in records if "loss" in r]) == 4  # the budget ran: the weights kept are not simply the last
 
 
@@ -169,11 +169,11 @@ def test_sft_first_step_loss_and_dft(base_ckpt, tmp_path):
 
     from data import Tokenizer, sft_batch, skill_examples
     from sdft import dft_loss
-    procs = {dft: start("train_sft.py", "--init", base_ckpt, "--skills", "rotl", "--steps", 1, "--batch-size", 4,
+    procs = {dft: start("train_sft.py", "--init", base_ckpt, "--skills", "jab", "--steps", 1, "--batch-size", 4,
                         "--eval-n", 2, "--seed", 5, "--device", "cpu", "--out", tmp_path / f"dft{dft}", *(["--dft"] * dft))
              for dft in (False, True)}
     model, _ = load_checkpoint(str(base_ckpt))
-    prompts, targets, _ = skill_examples(random.Random(5), "rotl", 4, "expert")
+    prompts, targets, _ = skill_examples(random.Random(5), "jab", 4, "expert")
     ids, mask, loss_mask = sft_batch(Tokenizer(), prompts, targets)
     with torch.no_grad():
         nll = F.cross_entropy(model(ids[:, :-1], mask[:, :-1]).transpose(1, 2), ids[:, 1:], reduction="none")
@@ -189,7 +189,7 @@ def test_sft_first_step_loss_and_dft(base_ckpt, tmp_path):
 def test_step_lines_end_with_time_left(base_ckpt, tmp_path):
     """Both training scripts end every step line with the time left in the stage ('eta 1m05s'
     or 'eta 42s'), which is 0s at the last step of each stage."""
-    tiny = ["--init", base_ckpt, "--skills", "rotl,swap", "--steps", 3, "--eval-every", 100, "--eval-n", 2,
+    tiny = ["--init", base_ckpt, "--skills", "jab,mug", "--steps", 3, "--eval-every", 100, "--eval-n", 2,
             "--batch-size", 2, "--device", "cpu"]
     procs = {script: start(script, *tiny, "--out", tmp_path / script) for script in ("train_sft.py", "train_sdft.py")}
     for script, proc in procs.items():
@@ -242,13 +242,13 @@ def test_eval_sampled_is_seeded(base_ckpt):
 BAD_INPUTS = [  # (script and flags, text the error line must contain); {base} {missing} {corrupt} are paths
     (["eval.py", "--ckpt", "{missing}"], "no checkpoint"),
     (["eval.py", "--ckpt", "{corrupt}"], "not a readable checkpoint"),
-    (["eval.py", "--ckpt", "{base}", "--skills", "rotl,nope"], "nope"),
+    (["eval.py", "--ckpt", "{base}", "--skills", "jab,nope"], "nope"),
     (["eval.py", "--ckpt", "{base}", "--n", "0"], "--n"),
     (["eval.py", "--ckpt", "{base}", "--temperature", "-1"], "--temperature"),
     (["train_sft.py", "--pretrain", "--p-new", "1.5"], "--p-new"),
     (["train_sft.py", "--init", "{missing}"], "no checkpoint"),
     (["train_sft.py", "--init", "{corrupt}"], "not a readable checkpoint"),
-    (["train_sft.py", "--init", "{base}", "--skills", "rotl,nope"], "nope"),
+    (["train_sft.py", "--init", "{base}", "--skills", "jab,nope"], "nope"),
     (["train_sft.py", "--init", "{base}", "--stop-at", "0"], "--stop-at"),
     (["train_sft.py", "--init", "{base}", "--stop-at", "1.5"], "--stop-at"),
     (["train_sft.py", "--init", "{base}", "--steps", "0"], "--steps"),
@@ -279,7 +279,7 @@ def bad_runs(base_ckpt, tmp_path_factory):
             args += ["--eval-n", "4", "--out", str(tmp / "out")]
         cases.append((args, needle))
     # fails at its second step: a huge learning rate makes the loss non-finite
-    cases.append((["train_sft.py", "--init", str(base_ckpt), "--skills", "rotl", "--steps", "3", "--lr", "1e30",
+    cases.append((["train_sft.py", "--init", str(base_ckpt), "--skills", "jab", "--steps", "3", "--lr", "1e30",
                    "--warmup", "0", "--eval-every", "100", "--eval-n", "2", "--out", str(tmp / "out_late")],
                   "non-finite loss"))
     procs = [start(*args, "--device", "cpu") for args, _ in cases]
@@ -307,7 +307,7 @@ def test_failing_run_keeps_good_checkpoint(bad_runs, base_ckpt):
     in the middle of it (non-finite loss), leave the checkpoint already in --out byte for byte
     as it was, and leave no temporary file."""
     tmp, results, good = bad_runs
-    assert any("rotl,nope" in args for args, *_ in results)  # an unknown skill was among them
+    assert any("jab,nope" in args for args, *_ in results)  # an unknown skill was among them
     assert (tmp / "out" / "ckpt.pt").read_bytes() == good
     # rejected before anything was started, so the old metrics are kept too
     assert (tmp / "out" / "metrics.jsonl").read_text() == (base_ckpt.parent / "metrics.jsonl").read_text()
@@ -342,7 +342,7 @@ def test_pretrain_keeps_a_checkpoint_in_out(base_ckpt, tmp_path):
     before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (tmp_path / "kept").iterdir()}
     procs = {"kept": start(*PRETRAIN, "--out", tmp_path / "kept"),
              "broken": start(*PRETRAIN, "--out", tmp_path / "broken"),
-             "finetuned": start("train_sft.py", "--init", base_ckpt, "--skills", "rotl", "--steps", 1, "--eval-n", 2,
+             "finetuned": start("train_sft.py", "--init", base_ckpt, "--skills", "jab", "--steps", 1, "--eval-n", 2,
                                 "--batch-size", 2, "--device", "cpu", "--out", tmp_path / "finetuned")}
     results = {name: finish(proc) for name, proc in procs.items()}
     rc, _, stderr = results["kept"]
@@ -353,4 +353,4 @@ def test_pretrain_keeps_a_checkpoint_in_out(base_ckpt, tmp_path):
         rc, _, stderr = results[name]
         assert rc == 0, (name, stderr)
         _, ckpt = load_checkpoint(str(tmp_path / name / "ckpt.pt"))
-        assert ckpt["skills"] == (["pretrain"] if name == "broken" else ["rotl"])
+        assert ckpt["skills"] == (["pretrain"] if name == "broken" else ["jab"])

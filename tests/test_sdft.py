@@ -315,7 +315,7 @@ def test_rollout_mask_fixed_completions():
         [5, EOT, 7, EOT, 9],  # tokens after the first end-of-text never count
         [5, 6, 7, 8, EOT],  # ends on the last token
     ])
-    ids, mask = encode_prompts(TOK, ["rotl abc>"] * 5)
+    ids, mask = encode_prompts(TOK, ["jab abc>"] * 5)
     out, completion_mask = rollout(FixedStudent(completion), ids, mask, 5, EOT)
     assert torch.equal(out, completion)
     assert torch.equal(completion_mask, torch.tensor([
@@ -324,7 +324,7 @@ def test_rollout_mask_fixed_completions():
 
 def test_rollout_real_model_mask_and_backward():
     model = tiny_model(0, sharp=False)  # near-uniform: some rows end early, some never
-    prompts = [student_prompt("rotl", q) for q in ["abc", "abcdefg", "cab", "jihgf"] * 4]
+    prompts = [student_prompt("jab", q) for q in ["abc", "abcdefg", "cab", "jihgf"] * 4]
     ids, mask = encode_prompts(TOK, prompts)
     generator = torch.Generator().manual_seed(0)
     completion, completion_mask = rollout(model, ids, mask, 24, EOT, generator)
@@ -360,8 +360,8 @@ def padded_completions(texts_and_ends, C):
 def test_score_rows_match_rows_scored_alone():
     student, teacher = tiny_model(0), tiny_model(1)
     queries, styles = ["abc", "abcdefg", "dcbae"], ["expert", "own", "expert"]
-    students = [student_prompt("rotl", q) for q in queries]
-    teachers = [teacher_prompt("rotl", q, demonstration(NEW_SKILLS["rotl"](q), st)) for q, st in zip(queries, styles)]
+    students = [student_prompt("jab", q) for q in queries]
+    teachers = [teacher_prompt("jab", q, demonstration(NEW_SKILLS["jab"](q), st)) for q, st in zip(queries, styles)]
     student_ids, student_mask = encode_prompts(TOK, students)
     teacher_ids, teacher_mask = encode_prompts(TOK, teachers)
     assert (student_mask == 0).any() and (teacher_mask == 0).any()  # both batches are padded
@@ -389,8 +389,8 @@ def test_completion_logits_positions():
     """Position j of completion_logits predicts completion token j: it is the full
     sequence's logits at index len(prompt) - 1 + j."""
     model = tiny_model(0)
-    ids, mask = encode_prompts(TOK, ["swap abcde>"])
-    completion = torch.tensor([TOK.encode("badce") + [EOT]])
+    ids, mask = encode_prompts(TOK, ["mug abcde>"])
+    completion = torch.tensor([TOK.encode("43210") + [EOT]])
     logits = completion_logits(model, ids, mask, completion, torch.ones_like(completion))
     full = model(torch.cat([ids, completion], dim=1))  # plain causal path, no mask
     P, C = ids.shape[1], completion.shape[1]
@@ -403,7 +403,7 @@ def test_completion_logits_positions():
 def test_zero_loss_and_gradient_when_teacher_sees_the_student_prompt():
     student = tiny_model(0)
     teacher = make_teacher(student, "ema")
-    students, _, teachers = skill_examples(random.Random(0), "swap", 4, "expert")
+    students, _, teachers = skill_examples(random.Random(0), "mug", 4, "expert")
     student_ids, student_mask = encode_prompts(TOK, students)
     completion, completion_mask = rollout(student, student_ids, student_mask, 10, EOT, torch.Generator().manual_seed(0))
     mask = loss_mask(completion_mask, skip=0)
@@ -431,7 +431,7 @@ def test_live_teacher_logits_are_detached():
     equal those with a frozen copy of the same weights as teacher."""
     student = tiny_model(0)
     copy_teacher = make_teacher(student, "base")
-    students, _, teachers = skill_examples(random.Random(1), "rotl", 3, "expert")
+    students, _, teachers = skill_examples(random.Random(1), "jab", 3, "expert")
     s_ids, s_mask = encode_prompts(TOK, students)
     t_ids, t_mask = encode_prompts(TOK, teachers)
     completion, completion_mask = padded_completions([("bca", True), ("abcdef", False), ("ddd", True)], 6)[:2]
@@ -511,12 +511,12 @@ def test_kl_from_base():
     a per-row reference: KL(model || base) averaged over each greedy answer's tokens."""
     cpu = torch.device("cpu")
     base = tiny_model(0).eval()
-    assert kl_from_base(base, base, TOK, "rotl", cpu, n=8) == 0.0
+    assert kl_from_base(base, base, TOK, "jab", cpu, n=8) == 0.0
     moved = tiny_model(1).eval()
-    kl = kl_from_base(moved, base, TOK, "rotl", cpu, n=8)
+    kl = kl_from_base(moved, base, TOK, "jab", cpu, n=8)
     total, count = 0.0, 0
     for q in eval_queries("test", 8):
-        ids = torch.tensor([TOK.encode(student_prompt("rotl", q))])
+        ids = torch.tensor([TOK.encode(student_prompt("jab", q))])
         answer = moved.generate(ids, None, 48, temperature=0.0, eot_id=EOT)[0].tolist()
         answer = answer[:answer.index(EOT) + 1] if EOT in answer else answer
         full = torch.tensor([ids[0].tolist() + answer])
@@ -584,7 +584,7 @@ def test_teacher_during_training(kind):
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.0)
     generator, data_rng = torch.Generator().manual_seed(0), random.Random(0)
     for _ in range(3):
-        students, _, teachers = skill_examples(data_rng, "rotl", 4, "expert")
+        students, _, teachers = skill_examples(data_rng, "jab", 4, "expert")
         s_ids, s_mask = encode_prompts(TOK, students)
         t_ids, t_mask = encode_prompts(TOK, teachers)
         completion, completion_mask = rollout(student, s_ids, s_mask, 6, EOT, generator)
@@ -635,7 +635,7 @@ def base_ckpt(tmp_path_factory):
     return out / "ckpt.pt"
 
 
-SDFT_ARGS = ["--skills", "rotl,swap", "--steps", 2, "--eval-every", 1, "--eval-n", 4, "--max-new-tokens", 8,
+SDFT_ARGS = ["--skills", "jab,mug", "--steps", 2, "--eval-every", 1, "--eval-n", 4, "--max-new-tokens", 8,
              "--batch-size", 8, "--device", "cpu", "--seed", 3]
 
 
@@ -671,14 +671,14 @@ def test_train_sdft_smoke(sdft_runs):
         assert r["loss"] >= 0 and r["kl"] >= 0
         assert 1 <= r["length"] <= 8 and 0 <= r["ended"] <= 1
         assert r["gen_ms"] > 0 and r["update_ms"] > 0
-    assert [(r["stage"], r["skill"]) for r in stages] == [(0, "rotl"), (1, "swap")]
+    assert [(r["stage"], r["skill"]) for r in stages] == [(0, "jab"), (1, "mug")]
     all_skills = set(PRIOR_SKILLS) | set(NEW_SKILLS)
     for r in stages:
         assert set(r["accuracy"]) == all_skills
         assert all(0 <= a <= 1 for a in r["accuracy"].values())
-    assert {r["skill"] for r in steps} <= {"rotl", "swap"} and all(r["step"] in (0, 1) for r in steps)
+    assert {r["skill"] for r in steps} <= {"jab", "mug"} and all(r["step"] in (0, 1) for r in steps)
     model, ckpt = load_checkpoint(str(out / "ckpt.pt"))
-    assert ckpt["stage"] == 1 and ckpt["skills"] == ["rotl", "swap"]
+    assert ckpt["stage"] == 1 and ckpt["skills"] == ["jab", "mug"]
     assert model.config.n_layer == 1 and model.config.n_embd == 32  # size read from the base checkpoint
 
 
@@ -697,7 +697,7 @@ def first_step_loss(init, variant, seed=3, batch_size=4, teacher_ckpt=None):
     queries (data stream seed), rollouts (generator seed) and weights, for a variant of flags."""
     student, _ = load_checkpoint(str(init))
     teacher = load_checkpoint(str(teacher_ckpt))[0] if teacher_ckpt else student  # at step 0 ema = base = student
-    students, _, teachers = skill_examples(random.Random(seed), "rotl", batch_size, "expert")
+    students, _, teachers = skill_examples(random.Random(seed), "jab", batch_size, "expert")
     if variant.get("--teacher-sees") == "query":
         teachers = students
     s_ids, s_mask = encode_prompts(TOK, students)
@@ -737,7 +737,7 @@ def test_train_sdft_variants_compute_what_they_say(base_ckpt):
         flags = [str(v).format(other=other) for kv in variant.items() for v in kv if v is not None]
         out = base_ckpt.parent.parent / f"variant{i}"
         runs.append((variant, out, subprocess.Popen(
-            [sys.executable, "train_sdft.py", "--init", str(base_ckpt), "--skills", "rotl", "--steps", "1",
+            [sys.executable, "train_sdft.py", "--init", str(base_ckpt), "--skills", "jab", "--steps", "1",
              "--eval-n", "2", "--batch-size", "4", "--max-new-tokens", "8", "--seed", "3", "--device", "cpu",
              *flags, "--out", str(out)], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     losses = []
@@ -763,7 +763,7 @@ BAD_INPUTS = [  # (flags after --init BASE, text the error line must contain)
     (["--ema-rate", "0"], "--ema-rate"),
     (["--ema-rate", "1.5"], "--ema-rate"),
     (["--skip", "-1"], "--skip"),
-    (["--skills", "rotl,nope"], "nope"),
+    (["--skills", "jab,nope"], "nope"),
     (["--init", "{missing}"], "no checkpoint"),  # a later --init overrides the first
 ]
 
@@ -774,7 +774,7 @@ def test_train_sdft_bad_input(base_ckpt):
     full = torch.load(base_ckpt, weights_only=False)  # a complete checkpoint of a model with another vocabulary
     config = {**full["model_config"], "vocab_size": full["model_config"]["vocab_size"] + 8}
     torch.save({**full, "model": GPT(GPTConfig(**config)).state_dict(), "model_config": config}, other_vocab)
-    tiny = ["--skills", "rotl", "--steps", "1", "--eval-n", "2", "--batch-size", "2", "--max-new-tokens", "4"]
+    tiny = ["--skills", "jab", "--steps", "1", "--eval-n", "2", "--batch-size", "2", "--max-new-tokens", "4"]
     # the tiny budget comes first, so the bad flag overrides it; a check that is missing makes a quick, clean run
     procs = [subprocess.Popen([sys.executable, "train_sdft.py", "--init", str(base_ckpt), *tiny,
                                *[a.format(missing=missing, other_vocab=other_vocab) for a in flags], "--device", "cpu",
@@ -795,7 +795,7 @@ def test_train_sdft_too_long_rollout_is_a_clean_error(base_ckpt, tmp_path):
     """--max-new-tokens beyond what block_size (128) leaves after the teacher prompt (up to
     50 tokens here): the run must either cope or stop with one 'error:' line, never crash
     with a traceback from model.forward in the middle of training."""
-    r = run_script("train_sdft.py", "--init", base_ckpt, "--skills", "rotl", "--steps", 1, "--eval-n", 4,
+    r = run_script("train_sdft.py", "--init", base_ckpt, "--skills", "jab", "--steps", 1, "--eval-n", 4,
                    "--max-new-tokens", 100, "--device", "cpu", "--out", tmp_path / "long")
     assert "Traceback" not in r.stderr, (
         "BUG: train_sdft.py does not check --max-new-tokens against the model's block_size; "

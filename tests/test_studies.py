@@ -27,7 +27,7 @@ def studies(*args):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("studies")
-    r = studies("all", "--quick", "--seeds", "0", "--skills", "rotl", "--out", out)
+    r = studies("all", "--quick", "--seeds", "0", "--skills", "jab", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     return out, r
 
@@ -40,7 +40,7 @@ def test_each_study_writes_its_results(quick, study):
     for r in results["runs"]:
         for key in ("study", "variant", "seed", "new_accuracy", "prior_average"):
             assert key in r, (study, key)
-        assert r["study"] == study and list(r["new_accuracy"]) == ["rotl"] and 0 <= r["prior_average"] <= 1
+        assert r["study"] == study and list(r["new_accuracy"]) == ["jab"] and 0 <= r["prior_average"] <= 1
     assert (out / study / "table.md").read_text().startswith("|")
     assert (out / study / f"{study}.png").stat().st_size > 0
 
@@ -48,8 +48,8 @@ def test_each_study_writes_its_results(quick, study):
 def test_what_each_study_measures(quick):
     out, _ = quick
     load = lambda s: json.loads((out / s / "results.json").read_text())["runs"]
-    assert {r["variant"] for r in load("onpolicy")} == {"sdft", "offline-kl", "offline-kl-lr1e-4", "offline-ce",
-                                                         "offline-ce-lr1e-5", "sft"}
+    assert {r["variant"] for r in load("onpolicy")} == {"sdft", "offline-kl", "offline-kl-sft-rate", "offline-ce",
+                                                         "offline-ce-sdft-rate", "sft"}
     assert all(r["curve"] and r["curve"][0][0] == 0 for r in load("teacher"))  # validation curves from step 0
     assert all(0 <= r["demo_accuracy_end"] <= 1 for r in load("teacher"))  # the trained model, reading a demonstration
     assert {r["size"] for r in load("size")} == {"1x16", "1x32"}
@@ -70,7 +70,7 @@ def test_what_each_study_measures(quick):
 def test_finished_runs_are_reused(quick):
     out, _ = quick
     before = {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")}
-    r = studies("divergence", "--quick", "--seeds", "0", "--skills", "rotl", "--out", out)
+    r = studies("divergence", "--quick", "--seeds", "0", "--skills", "jab", "--out", out)
     assert r.returncode == 0, r.stderr
     assert before and {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")} == before
 
