@@ -116,7 +116,7 @@ def check_base(ckpt, settings):
     if not ckpt["args"].get("pretrain") or not ckpt.get("stage_done"):
         return "it is not a finished pretraining run"
     if ckpt.get("world") != world_signature():
-        return "it was pretrained for another toy world (data.py's skills, rivals or formats have changed since)"
+        return "it was pretrained for another toy world (data.py's skills, rivals, formats or mixture have changed since)"
     if settings.get("p_knowledge") and ckpt.get("knowledge_world") != knowledge_signature():
         return "it was pretrained for another knowledge world (data.py's facts, their formats or the knowledge mixture have changed since)"
     other = {k: ckpt["args"].get(k) for k, v in settings.items() if ckpt["args"].get(k) != v}
