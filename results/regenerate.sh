@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate every result under results/ from the shipped base models:
 #
-#     bash results/regenerate.sh          # about 1 h on 2 CPU cores for the skills; the studies and knowledge are longer
+#     bash results/regenerate.sh          # about 80 min on 2 CPU cores (the two extra seed bases ~7 min each)
 #
 # Every training run uses one thread (benchmark.py sees to it), so the figures repeat exactly
 # on a machine whose CPU sums as this one did; results/README.md copies its tables from each
