@@ -41,8 +41,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, document_examples, fact_examples, knowledge_facts,
-                  knowledge_pretrain_examples, parse_skills, pretrain_examples, sft_batch, skill_examples)
+from data import (NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, check_new_skills, document_examples, fact_examples,
+                  knowledge_facts, knowledge_pretrain_examples, parse_skills, pretrain_examples, sft_batch,
+                  skill_examples)
 from eval import evaluate, kl_from_base, knowledge_accuracy
 from model import GPT, GPTConfig, autocast, check_resume, get_device, load_checkpoint, save_checkpoint
 from sdft import dft_loss
@@ -140,6 +141,7 @@ try:
     if (args.facts or args.cpt) and args.pretrain or args.cpt and not args.facts:
         raise ValueError("--facts and --cpt fine-tune a base on facts; --cpt needs --facts")
     facts = knowledge_facts(args.facts, args.seed) if args.facts else None
+    check_new_skills()  # the world's rule holds for pretraining too (parse_skills checks it for the rest)
     skills = [] if args.pretrain else ["knowledge"] if facts else parse_skills(args.skills)
     device = get_device(args.device)
     os.makedirs(args.out, exist_ok=True)
