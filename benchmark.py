@@ -131,7 +131,7 @@ def base_table(path, seed):
     rollouts, seeded), every skill greedily, and every skill with a demonstration of each style."""
     model, _ = load_checkpoint(path, device)
     torch.manual_seed(0)
-    return {"seed": seed, "sampled": {s: evaluate(model, tok, [s], device, n=200, temperature=1.0)[s] for s in new},
+    return {"seed": seed, "sampled": evaluate(model, tok, new, device, n=200, temperature=1.0),
             "greedy": evaluate(model, tok, prior + new, device, n=200),
             "with_demo": {style: evaluate(model, tok, prior + new, device, n=200, demo_style=style)
                           for style in ("own", "expert")}}

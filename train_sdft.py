@@ -4,7 +4,7 @@ Self-Distillation Fine-Tuning (SDFT): learn new skills from demonstrations, on-p
 From a base checkpoint, learn new skills one after another, evaluating every skill after
 each stage:
 
-    python train_sdft.py --skills jab,mug,hub,zag,max --out runs/sdft             # from the shipped base (--init)
+    python train_sdft.py --out runs/sdft                                      # jab, mug, hub from the shipped base (--init)
     torchrun --nproc_per_node 2 train_sdft.py --out runs/sdft                 # 2 processes
     python train_sdft.py --out runs/sdft --resume                             # continue OUT/ckpt.pt
 
