@@ -53,7 +53,8 @@ class Tokenizer:
 
     def encode(self, text):
         if self.alphabet is not None and not set(text) <= self.alphabet:
-            raise ValueError(f"characters outside the toy alphabet: {sorted(set(text) - self.alphabet)}")
+            raise ValueError("characters outside the toy alphabet: "
+                             f"{sorted(set(text) - self.alphabet)}")
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
@@ -110,7 +111,8 @@ def check_new_skills(new=NEW_SKILLS, rivals=RIVALS):
     skill, starts like its rival (the base would be right where it answers with it), starts
     like another new skill on more than MAX_SHARED_START of queries (learning one would then
     bend the other's first step, which the paper's far-apart tasks do not do), or has a name
-    that shares a letter with a prior skill's (learning it then bends that skill: results/NOTES.md)."""
+    that shares a letter with a prior skill's (learning it then bends that skill:
+    results/NOTES.md)."""
     queries = eval_queries("train", 500, seed="rule")
     share = lambda f, g: sum(f(q)[:1] == g(q)[:1] for q in queries) / len(queries)
     prior_letters = set("".join(PRIOR_SKILLS))
@@ -119,7 +121,8 @@ def check_new_skills(new=NEW_SKILLS, rivals=RIVALS):
             raise ValueError(f"new skill '{name}' has no rival prior skill in data.RIVALS")
         if set(name) & prior_letters:
             shared = "".join(sorted(set(name) & prior_letters))
-            raise ValueError(f"new skill '{name}' shares the letters {shared} with the prior skills' names")
+            raise ValueError(f"new skill '{name}' shares the letters {shared} "
+                             "with the prior skills' names")
         if share(fn, PRIOR_SKILLS[rivals[name]]) > MAX_SHARED_START:
             raise ValueError(f"new skill '{name}' starts as its rival '{rivals[name]}' does")
     names = list(new)
@@ -127,7 +130,8 @@ def check_new_skills(new=NEW_SKILLS, rivals=RIVALS):
         for b in names[i + 1:]:
             if share(new[a], new[b]) > MAX_SHARED_START:
                 raise ValueError(f"new skills '{a}' and '{b}' write the same first token on "
-                                 f"{share(new[a], new[b]):.0%} of queries (at most {MAX_SHARED_START:.0%})")
+                                 f"{share(new[a], new[b]):.0%} of queries "
+                                 f"(at most {MAX_SHARED_START:.0%})")
 
 
 def parse_skills(text):
@@ -158,7 +162,8 @@ def random_skill(rng):
         if min(positions) < MIN_LEN:
             break
     alphabet = rng.choice(ALPHABETS)  # in order half of the time (a->a, a->0, a->k), else shuffled
-    table = dict(zip(LETTERS, rng.sample(alphabet, len(alphabet)) if rng.random() < 0.5 else alphabet))
+    table = dict(zip(LETTERS,
+                     rng.sample(alphabet, len(alphabet)) if rng.random() < 0.5 else alphabet))
     return name, lambda q: "".join(table[q[i]] for i in positions if i < len(q))
 
 
@@ -284,12 +289,13 @@ def pretrain_examples(rng, n, p_plain=0.5, p_random=0.5, p_new=0.06, p_right=0.4
     prompts, targets = [], []
     for _ in range(n):
         query, start = sample_query(rng, "train"), ""
-        # p_new per new skill, so that adding one leaves how often the base meets the others as it was
+        # p_new per new skill, so adding one leaves how often the base meets the others as it was
         if p_new and rng.random() < p_new * len(NEW_SKILLS):  # (p_new 0 draws nothing)
             skill = rng.choice(list(NEW_SKILLS))
             answer = plain_answer(skill, query, p_right)
             demo = SKILLS[skill](query)
-            if not plain:  # begun with k tokens of the plain answer; none: the demonstration's answer
+            # begun with k tokens of the plain answer; none: the demonstration's answer
+            if not plain:
                 k = rng.randint(0, len(answer))
                 start, answer = answer[:k], answer[k:] if k else demo
         elif plain or rng.random() >= p_random:
@@ -327,7 +333,8 @@ def world_signature():
     world = {"prior": {s: [fn(q) for q in probes] for s, fn in PRIOR_SKILLS.items()},
              "new": {s: [fn(q) for q in probes] for s, fn in NEW_SKILLS.items()},
              "rivals": RIVALS, "formats": [teacher_prompt(s, q, demonstration(SKILLS[s](q), style))
-                                           for s in SKILLS for q in probes[:1] for style in ("own", "expert")],
+                                           for s in SKILLS for q in probes[:1]
+                                           for style in ("own", "expert")],
              "mixture": [pretrain_examples(rng, 16) for _ in range(4)]}
     return f"{zlib.crc32(json.dumps(world, sort_keys=True).encode()):08x}"
 
@@ -337,11 +344,12 @@ def world_signature():
 #
 # An entity is a made-up name of 6 distinct letters from k..z, one of them from u..z: never a
 # skill query (a..j), a skill's answer (a..j, 0..9, k..t), or a skill's or random skill's name
-# (3-5 letters). Its fact is a value, a query of 3..6 distinct letters. A document states facts, one a line (FACTS_PER_DOC); a question asks one:
-# - document                  `zorpxl is cabd` (in pretraining also `zorpxl is cabd\nqtuvwk is hgf`)
-# - direct question           `what zorpxl>`   completion `cabd`
-# - indirect question         `rev zorpxl>`    completion `cabd=dbac`: a prior skill applied to the
-#                             value, recalled first and then transformed (the grader reads `dbac`)
+# (3-5 letters). Its fact is a value, a query of 3..6 distinct letters. A document states
+# facts, one a line (FACTS_PER_DOC); a question asks one:
+# - document           `zorpxl is cabd` (in pretraining also `zorpxl is cabd\nqtuvwk is hgf`)
+# - direct question    `what zorpxl>`   completion `cabd`
+# - indirect question  `rev zorpxl>`    completion `cabd=dbac`: a prior skill applied to the
+#                      value, recalled first and then transformed (the grader reads `dbac`)
 # The indirect questions are the OOD column: answering one needs the new fact and an old skill,
 # and no method trains on them. A tiny model cannot recall and transform in one token, as an
 # LLM would not without reasoning, so the model's own answer writes the value first.
@@ -349,22 +357,24 @@ def world_signature():
 # (`cabd`) or `expert` (`c a b d=cabd`, written by another policy, as the paper's pairs were).
 
 NAME_LETTERS, NAME_LEN = "klmnopqrstuvwxyz", 6
-# A run's document states one fact. The base pretrained on documents of 1 to PRETRAIN_DOC_FACTS facts
-# (throw-away ones) answers from a one-fact document (1.00 direct, 0.82 indirect), but from one of
-# three it found the right line a third of the time (0.20-0.32: the last line's value), also when
-# pretrained on three-fact documents only: finding the entity's line is beyond this base.
+# A run's document states one fact. The base pretrained on documents of 1 to PRETRAIN_DOC_FACTS
+# facts (throw-away ones) answers from a one-fact document (1.00 direct, 0.82 indirect), but from
+# one of three it found the right line a third of the time (0.20-0.32: the last line's value),
+# also when pretrained on three-fact documents only: finding the entity's line is beyond this base.
 FACTS_PER_DOC, PRETRAIN_DOC_FACTS = 1, 3
 DIRECT = "what"
 INDIRECT_SKILLS = [s for s in PRIOR_SKILLS if s != "copy"]  # copy would ask the value itself
 CONTEXTS = ["doc+answer", "doc", "answer"]  # what the teacher sees (the paper's App. A.2 ablation)
 # Distinct values keep two entities from sharing an answer: a run can learn at most this many facts.
 MAX_FACTS = sum(math.perm(len(LETTERS), k) for k in range(MIN_LEN, MAX_LEN + 1))
-N_KNOWN = 100  # facts the base knows from pretraining, asked without a document (the LLM's world knowledge)
+# facts the base knows from pretraining, asked without a document (the LLM's world knowledge)
+N_KNOWN = 100
 
 
 def entity_split(entity):
-    """'eval' (learned and evaluated in fine-tuning) or 'pretrain' (throw-away and known entities)
-    by a fixed hash, as split_of splits queries: an evaluation entity never occurs in pretraining."""
+    """'eval' (learned and evaluated in fine-tuning) or 'pretrain' (throw-away and known
+    entities) by a fixed hash, as split_of splits queries: an evaluation entity never occurs in
+    pretraining."""
     return "eval" if zlib.crc32(entity.encode()) % 10 == 0 else "pretrain"
 
 
@@ -381,7 +391,8 @@ def sample_facts(rng, n, split, exclude=()):
     entities, values = dict.fromkeys(exclude), set()
     facts = []
     while len(facts) < n:
-        entity, value = sample_entity(rng, split), "".join(rng.sample(LETTERS, rng.randint(MIN_LEN, MAX_LEN)))
+        entity, value = (sample_entity(rng, split),
+                         "".join(rng.sample(LETTERS, rng.randint(MIN_LEN, MAX_LEN))))
         if entity not in entities and value not in values:
             entities[entity] = None
             values.add(value)
@@ -392,12 +403,14 @@ def sample_facts(rng, n, split, exclude=()):
 def knowledge_facts(n_facts, seed):
     """The n_facts facts a run learns: evaluation entities only, the same for the same seed."""
     if not 1 <= n_facts <= MAX_FACTS:
-        raise ValueError(f"the knowledge world makes 1 to {MAX_FACTS} distinct facts, not {n_facts}")
+        raise ValueError(f"the knowledge world makes 1 to {MAX_FACTS} distinct facts, "
+                         f"not {n_facts}")
     return sample_facts(random.Random(f"facts-{seed}"), n_facts, "eval")
 
 
 KNOWN_FACTS = sample_facts(random.Random("known"), N_KNOWN, "pretrain")
-KNOWN_ENTITIES = {entity for entity, _ in KNOWN_FACTS}  # never throw-away entities: a known fact has one value
+# never throw-away entities: a known fact has one value
+KNOWN_ENTITIES = {entity for entity, _ in KNOWN_FACTS}
 
 
 def document(facts):
@@ -432,12 +445,14 @@ def fact_prompts(facts, context, style="own"):
     order; the demonstration (SFT's target) is the value in the style ('own' or 'expert')."""
     docs = documents(facts)
     demos = [demonstration(v, style) for _, v in facts]
-    return [(student_prompt(DIRECT, e), d, knowledge_prompt(DIRECT, e, d, docs[i // FACTS_PER_DOC], context))
+    return [(student_prompt(DIRECT, e), d,
+             knowledge_prompt(DIRECT, e, d, docs[i // FACTS_PER_DOC], context))
             for i, ((e, v), d) in enumerate(zip(facts, demos))]
 
 
 def fact_examples(rng, facts, n, context, style="own"):
-    """n of the facts, drawn with replacement, asked directly: (student prompts, demonstrations, teacher prompts)."""
+    """n of the facts, drawn with replacement, asked directly: (student prompts,
+    demonstrations, teacher prompts)."""
     prompts = fact_prompts(facts, context, style)
     picks = [rng.choice(prompts) for _ in range(n)]
     return tuple(list(column) for column in zip(*picks))
@@ -460,15 +475,26 @@ def knowledge_questions(facts, kind, context=None):
             [final_answer(fact_answer(k, v)) for k, e, v, _ in asked])
 
 
+def longest_teacher_prompt(tok, skills, style, facts=None, context=None):
+    """The most tokens a teacher prompt of these skills (or, with facts, of these facts) takes:
+    the student's rollout must fit after it in the model's context."""
+    query = LETTERS[:MAX_LEN]  # a longest query
+    teachers = ([t for _, _, t in fact_prompts(facts, context, style)] if facts else
+                [teacher_prompt(s, query, demonstration(SKILLS[s](query), style)) for s in skills])
+    return max(len(tok.encode(t)) for t in teachers)
+
+
 def knowledge_signature():
     """A fingerprint of the knowledge world, as world_signature is of the skills': the question,
     answer and document formats, the known facts, and a few examples of the base's knowledge
     mixture. A knowledge base is used only for the world it was made for (knowledge.py)."""
     probe = [("zorpxl", "cabd")]
-    formats = [knowledge_prompt(kind, "zorpxl", demonstration(fact_answer(kind, "cabd"), style), document(probe), context)
-               for kind in [DIRECT] + INDIRECT_SKILLS for context in CONTEXTS + [None] for style in ("own", "expert")]
-    world = {"formats": formats, "known": KNOWN_FACTS, "facts": knowledge_facts(3, 0), "per_doc": FACTS_PER_DOC,
-             "mixture": knowledge_pretrain_examples(random.Random(0), 16)}
+    formats = [knowledge_prompt(kind, "zorpxl", demonstration(fact_answer(kind, "cabd"), style),
+                                document(probe), context)
+               for kind in [DIRECT] + INDIRECT_SKILLS for context in CONTEXTS + [None]
+               for style in ("own", "expert")]
+    world = {"formats": formats, "known": KNOWN_FACTS, "facts": knowledge_facts(3, 0),
+             "per_doc": FACTS_PER_DOC, "mixture": knowledge_pretrain_examples(random.Random(0), 16)}
     return f"{zlib.crc32(json.dumps(world).encode()):08x}"
 
 
@@ -479,7 +505,8 @@ def knowledge_pretrain_examples(rng, n, p_known=0.3):
     a demonstration or both in context (the teacher's views): answers cannot be remembered, only
     read, which teaches the base to use a document, as random skills teach it to use a
     demonstration (of a direct question in either style, as the skills' are). Evaluation
-    entities never occur (entity_split). The target is always the answer in the model's own style."""
+    entities never occur (entity_split). The target is always the answer in the model's
+    own style."""
     prompts, targets = [], []
     for _ in range(n):
         kind = rng.choice([DIRECT] + INDIRECT_SKILLS)
@@ -488,10 +515,12 @@ def knowledge_pretrain_examples(rng, n, p_known=0.3):
             answer = fact_answer(kind, value)
             prompts.append(student_prompt(kind, entity))
         else:
-            facts = sample_facts(rng, rng.randint(1, PRETRAIN_DOC_FACTS), "pretrain", exclude=KNOWN_ENTITIES)
+            facts = sample_facts(rng, rng.randint(1, PRETRAIN_DOC_FACTS), "pretrain",
+                                 exclude=KNOWN_ENTITIES)
             entity, value = rng.choice(facts)
             answer = fact_answer(kind, value)
             demo = demonstration(answer, rng.choice(["own", "expert"]) if kind == DIRECT else "own")
-            prompts.append(knowledge_prompt(kind, entity, demo, document(facts), rng.choice(CONTEXTS)))
+            prompts.append(knowledge_prompt(kind, entity, demo, document(facts),
+                                            rng.choice(CONTEXTS)))
         targets.append(answer)
     return prompts, targets

@@ -1,10 +1,10 @@
 """
 Per-skill evaluation: greedy decoding, exact match of the final answer, on held-out queries.
 
-    python eval.py                                            # the shipped base, results/base/ckpt.pt
+    python eval.py                                         # the shipped base, results/base/ckpt.pt
     python eval.py --ckpt runs/sdft/ckpt.pt
-    python eval.py --temperature 1                            # sampled, as SDFT's rollouts are
-    python eval.py --inspect jab --n 4 --plot inspect.png     # inside one SDFT step, token by token
+    python eval.py --temperature 1                         # sampled, as SDFT's rollouts are
+    python eval.py --inspect jab --n 4 --plot inspect.png  # inside one SDFT step, token by token
 
 prints, for every skill, the accuracy of the plain student prompt and, as the teacher
 sees it, with an `own` and an `expert` demonstration for the same query in context,
@@ -23,7 +23,8 @@ import sys
 import torch
 
 from data import (EOT, NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, demonstration, encode_prompts,
-                  eval_queries, final_answer, knowledge_questions, parse_skills, student_prompt, teacher_prompt)
+                  eval_queries, final_answer, knowledge_questions, parse_skills, student_prompt,
+                  teacher_prompt)
 from model import autocast, get_device, load_checkpoint
 from sdft import completion_logits, loss_mask, masked_mean, per_token_divergence, rollout, score
 
@@ -38,8 +39,8 @@ def answer(model, tok, prompts, device, batch_size=256, temperature=0.0, generat
     for i in range(0, len(prompts), batch_size):
         ids, mask = encode_prompts(tok, prompts[i:i + batch_size])
         with autocast(device):
-            out = model.generate(ids.to(device), mask.to(device), MAX_NEW_TOKENS, temperature=temperature,
-                                 generator=generator, eot_id=tok.eot_id)
+            out = model.generate(ids.to(device), mask.to(device), MAX_NEW_TOKENS,
+                                 temperature=temperature, generator=generator, eot_id=tok.eot_id)
         texts += [tok.decode(row) for row in out.tolist()]
     return texts
 
@@ -54,16 +55,19 @@ def accuracy(model, tok, skill, queries, device, demo_style=None, temperature=0.
     else:
         prompts = [teacher_prompt(skill, q, demonstration(fn(q), demo_style)) for q in queries]
     outputs = answer(model, tok, prompts, device, temperature=temperature)
-    mistakes = [(p, o, fn(q)) for p, o, q in zip(prompts, outputs, queries) if final_answer(o) != fn(q)]
+    mistakes = [(p, o, fn(q)) for p, o, q in zip(prompts, outputs, queries)
+                if final_answer(o) != fn(q)]
     return 1 - len(mistakes) / len(queries), mistakes
 
 
-def evaluate(model, tok, skills, device, split="test", n=100, demo_style=None, seed=0, temperature=0.0):
+def evaluate(model, tok, skills, device, split="test", n=100, demo_style=None, seed=0,
+             temperature=0.0):
     """{skill: accuracy} on n queries of the split (the same queries for every call)."""
     was_training = model.training
     model.eval()
     queries = eval_queries(split, n, seed)
-    result = {s: accuracy(model, tok, s, queries, device, demo_style, temperature)[0] for s in skills}
+    result = {s: accuracy(model, tok, s, queries, device, demo_style, temperature)[0]
+              for s in skills}
     model.train(was_training)
     return result
 
@@ -86,14 +90,16 @@ def pass_at_k_estimate(n, c, k):
     return 1 - math.comb(n - c, k) / math.comb(n, k)  # comb is 0 when k > n - c: pass@k is 1
 
 
-def pass_at_k(model, tok, skill, queries, device, n_samples=16, ks=(1, 2, 4, 8, 16), temperature=1.0, seed=0):
+def pass_at_k(model, tok, skill, queries, device, n_samples=16, ks=(1, 2, 4, 8, 16),
+              temperature=1.0, seed=0):
     """{k: pass@k} on the plain student prompt, as in the paper's Fig. 5 (right): n_samples
     completions per query at the temperature, drawn from a generator seeded with seed (the
     same seed gives the same result), averaged over the queries."""
     if not all(1 <= k <= n_samples for k in ks):
         raise ValueError(f"every k must be in 1..n_samples ({n_samples}), got {list(ks)}")
     fn = SKILLS[skill]
-    prompts = [student_prompt(skill, q) for q in queries for _ in range(n_samples)]  # each prompt n_samples times, in one batch
+    # each prompt n_samples times, in one batch
+    prompts = [student_prompt(skill, q) for q in queries for _ in range(n_samples)]
     generator = torch.Generator(device).manual_seed(seed)
     outputs = answer(model, tok, prompts, device, temperature=temperature, generator=generator)
     correct = [sum(final_answer(o) == fn(q) for o in outputs[i * n_samples:(i + 1) * n_samples])
@@ -110,24 +116,29 @@ def kl_from_base(model, base, tok, skill, device, split="test", n=100, seed=0):
     Full vocabulary at every answer position up to and including end-of-text."""
     was_training = model.training
     model.eval()
-    ids, mask = encode_prompts(tok, [student_prompt(skill, q) for q in eval_queries(split, n, seed)])
+    ids, mask = encode_prompts(tok, [student_prompt(skill, q)
+                                     for q in eval_queries(split, n, seed)])
     ids, mask = ids.to(device), mask.to(device)
     with autocast(device):
-        completion, completion_mask = rollout(model, ids, mask, MAX_NEW_TOKENS, tok.eot_id, temperature=0.0)
+        completion, completion_mask = rollout(model, ids, mask, MAX_NEW_TOKENS, tok.eot_id,
+                                              temperature=0.0)
         model_logits = completion_logits(model, ids, mask, completion, completion_mask)  # (B, C, V)
         base_logits = completion_logits(base, ids, mask, completion, completion_mask)  # (B, C, V)
     model.train(was_training)
-    return masked_mean(per_token_divergence(model_logits, base_logits, alpha=1.0), completion_mask).item()
+    return masked_mean(per_token_divergence(model_logits, base_logits, alpha=1.0),
+                       completion_mask).item()
 
 
 @torch.no_grad()
-def inspect_step(student, teacher, tok, skill, queries, device, demo_style="expert", alpha=0.0, skip=0, seed=0):
-    """Inside one SDFT step: one rollout per query and, at each of its tokens up to and including
-    end-of-text, what the loss sees. The calls are train_sdft.py's (rollout at temperature 1 from
-    a generator seeded with seed, score, per_token_divergence, loss_mask), so `divergence` is
-    exactly what masked_mean averages into the loss, over the tokens with `in_loss`.
-    Returns [{prompt, teacher_prompt, expected, sample, right, tokens: [{token, student_top,
-    student_p, teacher_top, teacher_p, student_p_sampled, teacher_p_sampled, divergence, in_loss}]}]."""
+def inspect_step(student, teacher, tok, skill, queries, device, demo_style="expert", alpha=0.0,
+                 skip=0, seed=0):
+    """Inside one SDFT step: one rollout per query and, at each of its tokens up to and
+    including end-of-text, what the loss sees. The calls are train_sdft.py's (rollout at
+    temperature 1 from a generator seeded with seed, score, per_token_divergence, loss_mask),
+    so `divergence` is exactly what masked_mean averages into the loss, over the tokens with
+    `in_loss`. Returns [{prompt, teacher_prompt, expected, sample, right, tokens: [{token,
+    student_top, student_p, teacher_top, teacher_p, student_p_sampled, teacher_p_sampled,
+    divergence, in_loss}]}]."""
     fn = SKILLS[skill]
     students = [student_prompt(skill, q) for q in queries]
     teachers = [teacher_prompt(skill, q, demonstration(fn(q), demo_style)) for q in queries]
@@ -135,27 +146,37 @@ def inspect_step(student, teacher, tok, skill, queries, device, demo_style="expe
     teacher_ids, teacher_mask = (t.to(device) for t in encode_prompts(tok, teachers))
     generator = torch.Generator(device).manual_seed(seed)
     with autocast(device):
-        completion, completion_mask = rollout(student, student_ids, student_mask, MAX_NEW_TOKENS, tok.eot_id, generator)
-        student_logits, teacher_logits = score(student, teacher, student_ids, student_mask, teacher_ids,
-                                               teacher_mask, completion, completion_mask)  # (B, C, V) each
+        completion, completion_mask = rollout(student, student_ids, student_mask, MAX_NEW_TOKENS,
+                                              tok.eot_id, generator)
+        student_logits, teacher_logits = score(student, teacher, student_ids, student_mask,
+                                               teacher_ids, teacher_mask,
+                                               completion, completion_mask)  # (B, C, V) each
     divergence = per_token_divergence(student_logits, teacher_logits, alpha)  # (B, C)
-    in_loss = loss_mask(completion_mask, skip)  # (B, C): after end-of-text and the first `skip` tokens out
-    student_p, teacher_p = student_logits.float().softmax(-1), teacher_logits.float().softmax(-1)  # (B, C, V)
-    (student_top_p, student_top), (teacher_top_p, teacher_top) = student_p.max(-1), teacher_p.max(-1)  # (B, C)
+    # 0 after end-of-text and on the first `skip` tokens
+    in_loss = loss_mask(completion_mask, skip)  # (B, C)
+    student_p, teacher_p = (student_logits.float().softmax(-1),
+                            teacher_logits.float().softmax(-1))  # (B, C, V)
+    (student_top_p, student_top), (teacher_top_p, teacher_top) = (student_p.max(-1),
+                                                                  teacher_p.max(-1))  # (B, C)
     student_p_sampled = student_p.gather(-1, completion[..., None]).squeeze(-1)  # (B, C)
     teacher_p_sampled = teacher_p.gather(-1, completion[..., None]).squeeze(-1)
     text = lambda i: tok.enc.decode([i])  # one token, end-of-text included
     rollouts = []
     for b, query in enumerate(queries):
         n = int(completion_mask[b].sum())  # tokens up to and including the first end-of-text
-        tokens = [{"token": text(completion[b, j].item()), "student_top": text(student_top[b, j].item()),
-                   "student_p": student_top_p[b, j].item(), "teacher_top": text(teacher_top[b, j].item()),
-                   "teacher_p": teacher_top_p[b, j].item(), "student_p_sampled": student_p_sampled[b, j].item(),
-                   "teacher_p_sampled": teacher_p_sampled[b, j].item(), "divergence": divergence[b, j].item(),
+        tokens = [{"token": text(completion[b, j].item()),
+                   "student_top": text(student_top[b, j].item()),
+                   "student_p": student_top_p[b, j].item(),
+                   "teacher_top": text(teacher_top[b, j].item()),
+                   "teacher_p": teacher_top_p[b, j].item(),
+                   "student_p_sampled": student_p_sampled[b, j].item(),
+                   "teacher_p_sampled": teacher_p_sampled[b, j].item(),
+                   "divergence": divergence[b, j].item(),
                    "in_loss": bool(in_loss[b, j])} for j in range(n)]
         sample = tok.decode(completion[b].tolist())
-        rollouts.append({"prompt": students[b], "teacher_prompt": teachers[b], "expected": fn(query),
-                         "sample": sample, "right": final_answer(sample) == fn(query), "tokens": tokens})
+        rollouts.append({"prompt": students[b], "teacher_prompt": teachers[b],
+                         "expected": fn(query), "sample": sample,
+                         "right": final_answer(sample) == fn(query), "tokens": tokens})
     return rollouts
 
 
@@ -179,8 +200,9 @@ def after_first_wrong(rollouts, eot=EOT):
     if not first:
         return None
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-    return {"wrong_rollouts": len(first), "divergence_first_wrong": mean(first), "tokens_after": len(after),
-            "divergence_after": mean(after), "teacher_follows": mean(agree)}
+    return {"wrong_rollouts": len(first), "divergence_first_wrong": mean(first),
+            "tokens_after": len(after), "divergence_after": mean(after),
+            "teacher_follows": mean(agree)}
 
 
 def plot_inspect(rollouts, path):
@@ -199,12 +221,15 @@ def plot_inspect(rollouts, path):
         ax.bar(x, heights, color=["tab:blue" if t["in_loss"] else "lightgrey" for t in tokens])
         for i, t in enumerate(tokens):
             if t["teacher_top"] != t["token"]:
-                ax.annotate(f"T: {printable(t['teacher_top'])}", (i, heights[i]), ha="center", va="bottom", color="tab:red")
+                ax.annotate(f"T: {printable(t['teacher_top'])}", (i, heights[i]), ha="center",
+                            va="bottom", color="tab:red")
         ax.set_xticks(list(x), [printable(t["token"]) for t in tokens])
         ax.set_ylim(0, 1.25 * max(heights + [1e-3]))  # room for the annotations
         ax.set_ylabel("divergence")
-        ax.set_title(f"{r['prompt']}  ->  {r['sample']}  ({'right' if r['right'] else 'wrong, expected ' + r['expected']})")
-    ax.set_xlabel("sampled token (T: the teacher's top-1 where it differs; grey: left out of the loss)")
+        ax.set_title(f"{r['prompt']}  ->  {r['sample']}  "
+                     f"({'right' if r['right'] else 'wrong, expected ' + r['expected']})")
+    ax.set_xlabel("sampled token (T: the teacher's top-1 where it differs; "
+                  "grey: left out of the loss)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -215,22 +240,36 @@ def printable(token):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default="results/base/ckpt.pt", help="checkpoint to evaluate (default: the shipped base)")
-    parser.add_argument("--skills", default=",".join(SKILLS), help="comma-separated skills (default: all)")
-    parser.add_argument("--split", default="test", choices=["test", "val"], help="which held-out queries")
-    parser.add_argument("--n", type=int, default=None, help="queries per skill (default 200); with --inspect, rollouts to show (default 4)")
-    parser.add_argument("--mistakes", type=int, default=3, help="wrong answers to print per column")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; 1: sample (seeded by --seed)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling at --temperature above 0, and the --inspect rollouts")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default="results/base/ckpt.pt",
+                        help="checkpoint to evaluate (default: the shipped base)")
+    parser.add_argument("--skills", default=",".join(SKILLS),
+                        help="comma-separated skills (default: all)")
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="which held-out queries")
+    parser.add_argument("--n", type=int, default=None, help="queries per skill (default 200); "
+                        "with --inspect, rollouts to show (default 4)")
+    parser.add_argument("--mistakes", type=int, default=3,
+                        help="wrong answers to print per column")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy; 1: sample (seeded by --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling at --temperature "
+                        "above 0, and the --inspect rollouts")
+    parser.add_argument("--device", default=None,
+                        help="cuda, mps or cpu (default: the best available)")
     # inside one SDFT step
-    parser.add_argument("--inspect", default=None, metavar="SKILL", help="show one SDFT step's training signal, token by token, "
+    parser.add_argument("--inspect", default=None, metavar="SKILL",
+                        help="show one SDFT step's training signal, token by token, "
                         "on SKILL's rollouts (sampled at temperature 1, as in training)")
-    parser.add_argument("--teacher-ckpt", default=None, help="with --inspect: the teacher (default: --ckpt itself, as at step 0)")
-    parser.add_argument("--alpha", type=float, default=0.0, help="with --inspect: 0 forward KL(teacher||student), 1 reverse KL, between: JSD")
-    parser.add_argument("--skip", type=int, default=0, help="with --inspect: completion tokens left out of the loss at the start")
-    parser.add_argument("--plot", default=None, metavar="FILE.png", help="with --inspect: draw the divergence per token into FILE.png")
+    parser.add_argument("--teacher-ckpt", default=None, help="with --inspect: the teacher "
+                        "(default: --ckpt itself, as at step 0)")
+    parser.add_argument("--alpha", type=float, default=0.0, help="with --inspect: 0 forward "
+                        "KL(teacher||student), 1 reverse KL, between: JSD")
+    parser.add_argument("--skip", type=int, default=0, help="with --inspect: completion tokens "
+                        "left out of the loss at the start")
+    parser.add_argument("--plot", default=None, metavar="FILE.png", help="with --inspect: draw "
+                        "the divergence per token into FILE.png")
     args = parser.parse_args()
     try:
         skills = parse_skills(args.inspect or args.skills)
@@ -243,7 +282,8 @@ if __name__ == "__main__":
             raise ValueError("--alpha must be in [0, 1] and --skip non-negative")
         device = get_device(args.device)
         model, _ = load_checkpoint(args.ckpt, device)
-        teacher = load_checkpoint(args.teacher_ckpt, device)[0].eval() if args.teacher_ckpt else model
+        teacher = (load_checkpoint(args.teacher_ckpt, device)[0].eval() if args.teacher_ckpt
+                   else model)
     except ValueError as e:
         sys.exit(f"error: {e}")
     model.eval()
@@ -252,29 +292,40 @@ if __name__ == "__main__":
 
     if args.inspect:
         # Rollouts of a few more queries than shown, so that a wrong and a right one can be picked.
-        rollouts = inspect_step(model, teacher, tok, args.inspect, eval_queries(args.split, 4 * n), device,
-                                alpha=args.alpha, skip=args.skip, seed=args.seed)
+        rollouts = inspect_step(model, teacher, tok, args.inspect, eval_queries(args.split, 4 * n),
+                                device, alpha=args.alpha, skip=args.skip, seed=args.seed)
         wrong = after_first_wrong(rollouts)
         right = [r["right"] for r in rollouts]
-        first = [right.index(v) for v in (False, True) if v in right]  # the first wrong and the first right
-        rollouts = [rollouts[i] for i in sorted((first + [i for i in range(len(rollouts)) if i not in first])[:n])]
-        print(f"{args.ckpt}: inside one SDFT step on {args.inspect}, teacher {args.teacher_ckpt or 'the same weights (step 0)'}, "
-              f"expert demonstrations, alpha {args.alpha:g}, skip {args.skip}; p: probability, x: left out of the loss")
-        top = lambda t, who: f"{printable(t[who + '_top']):<6}{t[who + '_p']:.2f}"  # top-1 token and its p
+        first = [right.index(v) for v in (False, True) if v in right]  # first wrong, first right
+        rollouts = [rollouts[i] for i in
+                    sorted((first + [i for i in range(len(rollouts)) if i not in first])[:n])]
+        print(f"{args.ckpt}: inside one SDFT step on {args.inspect}, "
+              f"teacher {args.teacher_ckpt or 'the same weights (step 0)'}, "
+              f"expert demonstrations, alpha {args.alpha:g}, skip {args.skip}; "
+              "p: probability, x: left out of the loss")
+        # top-1 token and its p
+        top = lambda t, who: f"{printable(t[who + '_top']):<6}{t[who + '_p']:.2f}"
         for r in rollouts:
             verdict = "right" if r["right"] else f"wrong, expected {r['expected']!r}"
-            print(f"\n{r['prompt']!r} -> {r['sample']!r} ({verdict})\n  teacher prompt {r['teacher_prompt']!r}")
-            print(f"  {'token':<6} {'student top-1':<14} {'teacher top-1':<14} {'p_S(token)':>10} {'p_T(token)':>10} {'divergence':>10}")
-            for t in r["tokens"]:  # divergence clamped at 0 for printing only: rounding can make it -0.000
-                print(f"  {printable(t['token']):<6} {top(t, 'student'):<14} {top(t, 'teacher'):<14} {t['student_p_sampled']:>10.2f} "
-                      f"{t['teacher_p_sampled']:>10.2f} {max(t['divergence'], 0):>10.3f}{'' if t['in_loss'] else '  x'}")
+            print(f"\n{r['prompt']!r} -> {r['sample']!r} ({verdict})\n"
+                  f"  teacher prompt {r['teacher_prompt']!r}")
+            print(f"  {'token':<6} {'student top-1':<14} {'teacher top-1':<14} "
+                  f"{'p_S(token)':>10} {'p_T(token)':>10} {'divergence':>10}")
+            # divergence clamped at 0 for printing only: rounding can make it -0.000
+            for t in r["tokens"]:
+                print(f"  {printable(t['token']):<6} {top(t, 'student'):<14} "
+                      f"{top(t, 'teacher'):<14} {t['student_p_sampled']:>10.2f} "
+                      f"{t['teacher_p_sampled']:>10.2f} {max(t['divergence'], 0):>10.3f}"
+                      f"{'' if t['in_loss'] else '  x'}")
         kept = [t["divergence"] for r in rollouts for t in r["tokens"] if t["in_loss"]]
-        print(f"\nloss on these rollouts (mean divergence over their {len(kept)} tokens in the loss): "
-              f"{sum(kept) / max(len(kept), 1):.3f}")
+        print(f"\nloss on these rollouts (mean divergence over their {len(kept)} tokens "
+              f"in the loss): {sum(kept) / max(len(kept), 1):.3f}")
         if wrong:
-            print(f"on the {wrong['wrong_rollouts']} wrong rollouts of {4 * n}: divergence {wrong['divergence_first_wrong']:.3f} "
-                  f"at the first wrong token, {wrong['divergence_after']:.3f} per token after it ({wrong['tokens_after']} tokens), "
-                  f"where the teacher's top-1 is the student's own next token {wrong['teacher_follows']:.0%} of the time")
+            print(f"on the {wrong['wrong_rollouts']} wrong rollouts of {4 * n}: "
+                  f"divergence {wrong['divergence_first_wrong']:.3f} at the first wrong token, "
+                  f"{wrong['divergence_after']:.3f} per token after it "
+                  f"({wrong['tokens_after']} tokens), where the teacher's top-1 is the student's "
+                  f"own next token {wrong['teacher_follows']:.0%} of the time")
         if args.plot:
             plot_inspect(rollouts, args.plot)
             print(f"plot: {args.plot}")

@@ -44,7 +44,7 @@ class KVCache:
         self.pos = 0  # how many tokens are cached
 
     def update(self, layer, k, v):
-        # Concatenation is simple and, at these sizes, as fast as writing into a preallocated buffer.
+        # Concatenation is simple and, at these sizes, as fast as filling a preallocated buffer.
         if self.k[layer] is not None:
             k = torch.cat([self.k[layer], k], dim=2)
             v = torch.cat([self.v[layer], v], dim=2)
@@ -64,7 +64,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask, cache):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H, T_past + T, D)
         # mask is None only for unpadded full sequences, where the fused causal kernel applies
@@ -125,7 +126,8 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
-        assert past + T <= self.config.block_size, f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}"
+        assert past + T <= self.config.block_size, (f"sequence of {past + T} tokens exceeds "
+                                                    f"block_size {self.config.block_size}")
         if attention_mask is None and cache is None:
             positions = torch.arange(T, device=idx.device)[None]  # (1, T)
             mask = None  # plain causal attention
@@ -138,7 +140,8 @@ class GPT(nn.Module):
             k_idx = torch.arange(past + T, device=idx.device)[None, :]  # (1, T_past + T)
             # Causal, and never look at padding. A padding query also sees itself, so no
             # softmax row is empty (that would be NaN); its output is never used.
-            mask = ((k_idx <= q_idx) & attention_mask.bool()[:, None, :]) | (k_idx == q_idx)  # (B, T, T_past + T)
+            mask = (((k_idx <= q_idx) & attention_mask.bool()[:, None, :])
+                    | (k_idx == q_idx))  # (B, T, T_past + T)
             mask = mask[:, None]  # (B, 1, T, T_past + T): broadcast over heads
         x = self.wte(idx) + self.wpe(positions)
         for block in self.blocks:
@@ -151,11 +154,12 @@ class GPT(nn.Module):
     def generate(self, idx, attention_mask=None, max_new_tokens=32, temperature=1.0, top_k=None,
                  generator=None, eot_id=None, use_cache=True):
         """
-        Continue each left-padded prompt in idx (B, T). Returns the new tokens, (B, N), N <= max_new_tokens.
-        temperature 0 is greedy; top_k keeps the k most likely tokens; sampling draws from
-        `generator`, so the same generator state gives the same samples. A row that has
-        produced eot_id is finished: every later token in it is eot_id. use_cache=False
-        recomputes the whole sequence each step (the plain reference path for tests).
+        Continue each left-padded prompt in idx (B, T). Returns the new tokens, (B, N),
+        N <= max_new_tokens. temperature 0 is greedy; top_k keeps the k most likely tokens;
+        sampling draws from `generator`, so the same generator state gives the same samples.
+        A row that has produced eot_id is finished: every later token in it is eot_id.
+        use_cache=False recomputes the whole sequence each step (the plain reference path
+        for tests).
         """
         B = idx.shape[0]
         if attention_mask is None:
@@ -175,7 +179,7 @@ class GPT(nn.Module):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
             idx = torch.cat([idx, token[:, None]], dim=1)
-            step_input = token[:, None] if use_cache else idx  # with a cache, feed only the new token
+            step_input = token[:, None] if use_cache else idx  # cached: feed only the new token
             logits = self(step_input, attention_mask, cache)[:, -1]
         return torch.stack(new_tokens, dim=1)
 
@@ -203,7 +207,8 @@ def get_device(name=None):
             device = torch.device(name)
         except RuntimeError:
             raise ValueError(f"unknown device '{name}' (cuda, mps or cpu)") from None
-        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                     "mps": torch.backends.mps.is_available()}
         if not available.get(device.type, False):
             raise ValueError(f"device '{name}' is not available on this machine")
         return device
@@ -217,6 +222,14 @@ def get_device(name=None):
 def autocast(device):
     """bf16 autocast on CUDA; full fp32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def cosine_lr(step, peak, warmup, steps):
+    """The training scripts' schedule: linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # -----------------------------------------------------------------------------
@@ -255,14 +268,17 @@ def check_resume(ckpt, path, model, stages, args, n_shards):
     if "optimizer" not in ckpt:
         raise ValueError(f"{path} holds no training state to resume from")
     if ckpt["model_config"] != asdict(model.config):
-        raise ValueError(f"{path} holds a model of another config ({ckpt['model_config']}) than this run's "
-                         f"({asdict(model.config)})")
+        raise ValueError(f"{path} holds a model of another config ({ckpt['model_config']}) "
+                         f"than this run's ({asdict(model.config)})")
     if ckpt["skills"] != stages:
-        raise ValueError(f"{path} was trained on skills {','.join(ckpt['skills'])}, not {','.join(stages)}")
+        raise ValueError(f"{path} was trained on skills {','.join(ckpt['skills'])}, "
+                         f"not {','.join(stages)}")
     if len(ckpt["data_rng"]) != n_shards:
-        raise ValueError(f"{path} was written by a run of {len(ckpt['data_rng'])} micro-batches per step "
-                         f"(processes x --grad-accum), not {n_shards}")
+        raise ValueError(f"{path} was written by a run of {len(ckpt['data_rng'])} micro-batches "
+                         f"per step (processes x --grad-accum), not {n_shards}")
     for key, value in vars(args).items():
-        if key not in ("out", "resume", "ckpt_every", "grad_accum") and ckpt["args"].get(key) != value:
-            raise ValueError(f"{path} was written with --{key.replace('_', '-')} {ckpt['args'].get(key)}, "
-                             f"not {value}: resume with the run's own settings")
+        if (key not in ("out", "resume", "ckpt_every", "grad_accum")
+                and ckpt["args"].get(key) != value):
+            raise ValueError(f"{path} was written with --{key.replace('_', '-')} "
+                             f"{ckpt['args'].get(key)}, not {value}: "
+                             "resume with the run's own settings")

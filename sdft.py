@@ -6,13 +6,13 @@ answer (on-policy). The *teacher* is the same network (an EMA of its weights) sh
 query *and an expert demonstration* for it. At every position of the student's own
 sample, the student is trained to match the teacher's next-token distribution:
 
-    completion, completion_mask = rollout(student, student_ids, student_mask, ...)   # 1. sample
-    student_logits, teacher_logits = score(student, teacher, student_ids, student_mask,
-                                           teacher_ids, teacher_mask, completion, completion_mask)  # 2.-3.
-    loss = masked_mean(per_token_divergence(student_logits, teacher_logits, alpha=0.0),
-                       loss_mask(completion_mask, skip=3))                            # 4.-6.
-    loss.backward(); optimizer.step()                                                 # 7.
-    ema_update(teacher, student, rate=0.01)                                           # 8.
+    completion, completion_mask = rollout(student, student_ids, student_mask, ...)       # 1. sample
+    student_logits, teacher_logits = score(student, teacher, student_ids, student_mask,  # 2.-3.
+                                           teacher_ids, teacher_mask, completion, completion_mask)
+    loss = masked_mean(per_token_divergence(student_logits, teacher_logits, alpha=0.0),  # 4.-6.
+                       loss_mask(completion_mask, skip=3))
+    loss.backward(); optimizer.step()                                                    # 7.
+    ema_update(teacher, student, rate=0.01)                                              # 8.
 
 The step numbers follow the recipe in the README. Simplified relative to the paper: one
 toy model instead of a 7B LLM, a toy teacher template, and no top-p/top-k in sampling
@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 
-def rollout(student, prompt_ids, prompt_mask, max_new_tokens, eot_id, generator=None, temperature=1.0, top_k=None):
-    """Sample one completion per (left-padded) student prompt: temperature 1, no top-k, as in the paper.
-    Returns completion ids (B, C) and completion_mask (B, C): 1 up to and including the
-    first end-of-text token, 0 after it (generate fills finished rows with end-of-text)."""
+def rollout(student, prompt_ids, prompt_mask, max_new_tokens, eot_id, generator=None,
+            temperature=1.0, top_k=None):
+    """Sample one completion per (left-padded) student prompt: temperature 1, no top-k, as in
+    the paper. Returns completion ids (B, C) and completion_mask (B, C): 1 up to and including
+    the first end-of-text token, 0 after it (generate fills finished rows with end-of-text)."""
     completion = student.generate(prompt_ids, prompt_mask, max_new_tokens, temperature=temperature,
                                   top_k=top_k, generator=generator, eot_id=eot_id)  # (B, C)
     completion = completion.clone()  # out of inference mode, so autograd may save it as an input
@@ -49,13 +50,16 @@ def completion_logits(model, prompt_ids, prompt_mask, completion, completion_mas
     return logits[:, -C:]  # position P - 1 + j predicts completion token j
 
 
-def score(student, teacher, student_ids, student_mask, teacher_ids, teacher_mask, completion, completion_mask):
+def score(student, teacher, student_ids, student_mask, teacher_ids, teacher_mask,
+          completion, completion_mask):
     """Student and teacher logits over the *same* completion tokens, aligned row by row,
     both (B, C, V). The student sees only its prompt (with gradients); the teacher sees the
     demonstration-conditioned prompt, without gradients: its logits are fixed targets."""
-    student_logits = completion_logits(student, student_ids, student_mask, completion, completion_mask)
-    with torch.no_grad():  # teacher targets are detached (also when the teacher is the live student)
-        teacher_logits = completion_logits(teacher, teacher_ids, teacher_mask, completion, completion_mask)
+    student_logits = completion_logits(student, student_ids, student_mask,
+                                       completion, completion_mask)
+    with torch.no_grad():  # teacher targets are detached (also if the teacher is the live student)
+        teacher_logits = completion_logits(teacher, teacher_ids, teacher_mask,
+                                           completion, completion_mask)
     return student_logits, teacher_logits
 
 
@@ -77,7 +81,8 @@ def per_token_divergence(student_logits, teacher_logits, alpha=0.0):
         return (log_t.exp() * (log_t - log_s)).sum(-1)
     if alpha == 1:
         return (log_s.exp() * (log_s - log_t)).sum(-1)
-    log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - alpha), log_t + math.log(alpha)]), dim=0)  # log M
+    log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - alpha), log_t + math.log(alpha)]),
+                            dim=0)  # log M
     kl_t_m = (log_t.exp() * (log_t - log_m)).sum(-1)
     kl_s_m = (log_s.exp() * (log_s - log_m)).sum(-1)
     return alpha * kl_t_m + (1 - alpha) * kl_s_m
@@ -95,8 +100,10 @@ def topk_forward_kl(student_logits, teacher_logits, k, tail=True):
     log_t_k, log_s_k = log_t.gather(-1, top), log_s.gather(-1, top)
     if tail:
         tiny = torch.finfo(log_t.dtype).tiny  # keeps log(0) finite when the top-k hold all the mass
-        log_t_k = torch.cat([log_t_k, (1 - log_t_k.exp().sum(-1, keepdim=True)).clamp(min=tiny).log()], -1)
-        log_s_k = torch.cat([log_s_k, (1 - log_s_k.exp().sum(-1, keepdim=True)).clamp(min=tiny).log()], -1)
+        log_t_k = torch.cat([log_t_k,
+                             (1 - log_t_k.exp().sum(-1, keepdim=True)).clamp(min=tiny).log()], -1)
+        log_s_k = torch.cat([log_s_k,
+                             (1 - log_s_k.exp().sum(-1, keepdim=True)).clamp(min=tiny).log()], -1)
     else:
         log_t_k, log_s_k = log_t_k.log_softmax(-1), log_s_k.log_softmax(-1)
     return (log_t_k.exp() * (log_t_k - log_s_k)).sum(-1)
@@ -106,16 +113,19 @@ def sampled_token_loss(student_logits, teacher_logits, completion):
     """The single-sample estimator, (B, C, V) -> (B, C): (log S(y) - log T(y)), detached,
     times log S(y), at the sampled tokens y. Its gradient is an unbiased, noisy estimate of
     the reverse-KL gradient; the authors found the full-vocabulary divergence more stable."""
-    log_s = F.log_softmax(student_logits.float(), dim=-1).gather(-1, completion[..., None]).squeeze(-1)
-    log_t = F.log_softmax(teacher_logits.float(), dim=-1).gather(-1, completion[..., None]).squeeze(-1)
-    return (log_s - log_t).detach() * log_s  # detached: the advantage-like weight is not differentiated
+    log_s = (F.log_softmax(student_logits.float(), dim=-1)
+             .gather(-1, completion[..., None]).squeeze(-1))
+    log_t = (F.log_softmax(teacher_logits.float(), dim=-1)
+             .gather(-1, completion[..., None]).squeeze(-1))
+    return (log_s - log_t).detach() * log_s  # detached: the advantage-like weight gets no gradient
 
 
 def sampled_cross_entropy(student_logits, completion):
     """SFT on given tokens, (B, C, V) -> (B, C): -log S(y) at each completion token y. Used on
     the teacher's own samples, it is the paper's "SFT on teacher samples" ablation (§4.6):
     the student imitates what the teacher wrote, instead of matching what it would say."""
-    return -F.log_softmax(student_logits.float(), dim=-1).gather(-1, completion[..., None]).squeeze(-1)
+    return -(F.log_softmax(student_logits.float(), dim=-1)
+             .gather(-1, completion[..., None]).squeeze(-1))
 
 
 def dft_loss(token_loss):
@@ -139,7 +149,7 @@ def agreed_prefix(completion, teacher_logits, completion_mask):
     (in the toy: it goes on copying the demonstration position by position; results/studies).
     Not in the paper: a variant (--agreed-prefix) for the toy's accumulation study."""
     wrong = (completion != teacher_logits.argmax(-1)).long()
-    wrong_before = wrong.cumsum(dim=1) - wrong  # tokens the teacher would not write, strictly before
+    wrong_before = wrong.cumsum(dim=1) - wrong  # tokens the teacher wouldn't write, strictly before
     return completion_mask * (wrong_before == 0)
 
 

@@ -1,5 +1,8 @@
-"""Shared test setup: the repo root on sys.path, the toy tokenizer and a tiny seeded GPT."""
+"""Shared test setup: the repo root on sys.path, the toy tokenizer, a tiny seeded GPT, and a
+tiny base checkpoint made once per session."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +26,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny base checkpoint (1 layer, 32 wide, 3 pretraining steps by lab/pretrain.py), made
+    once and shared by the tests of the scripts: they only read it."""
+    path = tmp_path_factory.mktemp("tiny_base") / "base.pt"
+    r = subprocess.run([sys.executable, "lab/pretrain.py", "--steps", "3", "--n-layer", "1", "--n-head", "2",
+                        "--n-embd", "32", "--device", "cpu", "--out", str(path)], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    return path
 
 
 @pytest.fixture

@@ -80,13 +80,34 @@ def test_quick_run_writes_results(quick):
     table = (tmp / "out" / "table.md").read_text().splitlines()
     assert len(table) == 3 + len(orders) * 2 * len(TWO)
     assert "every learned skill >= 0.9 in" in proc.stdout
+    summary = (tmp / "out" / "summary.txt").read_text()
+    assert summary.count("every learned skill >= 0.9 in") == 2 and summary in proc.stdout
+
+
+def test_replot_redraws_from_results(quick, tmp_path):
+    """--replot: no training, the same table and summary from OUT/results.json and its settings
+    (not the flags), the plots drawn again; without a results.json, one error line."""
+    tmp, _ = quick
+    out = tmp_path / "copy"
+    out.mkdir()
+    for name in ("results.json", "table.md", "summary.txt"):
+        (out / name).write_bytes((tmp / "out" / name).read_bytes())
+    proc = run_benchmark("--replot", "--out", out, "--seeds", "5", "--skills", TWO[0])  # flags ignored
+    assert proc.returncode == 0, proc.stderr
+    assert "training runs" not in proc.stdout and "base model" not in proc.stdout
+    for name in ("results.json", "table.md", "summary.txt"):
+        assert (out / name).read_bytes() == (tmp / "out" / name).read_bytes(), name
+    assert all((out / name).stat().st_size > 1000 for name in ("stages.png", "pareto.png", "forgetting.png"))
+    proc = run_benchmark("--replot", "--out", tmp_path / "empty")
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: --replot needs")
+    assert "Traceback" not in proc.stderr
 
 
 def test_base_is_weights_only_and_reused(quick):
     tmp, _ = quick
     base = tmp / "base" / "ckpt.pt"
     ckpt = torch.load(base, weights_only=True)
-    assert "optimizer" not in ckpt and ckpt["world"] == world_signature() and ckpt["args"]["pretrain"]
+    assert set(ckpt) == {"model", "model_config", "args", "world", "knowledge_world"} and ckpt["world"] == world_signature()
     before = base.stat().st_mtime_ns
     procs = [start_benchmark("--quick", "--seeds", "0", "--skills", TWO[0], "--out", tmp / f"again{i}", "--base", base, *extra)
              for i, extra in enumerate(([], ["--pretrain"]))]  # --pretrain finds a base of the same settings and world

@@ -8,7 +8,7 @@ Several processes, resuming, and safe checkpoints, through subprocess on CPU (gl
 - --resume refuses a truncated, mismatched or missing checkpoint with one "error:" line and
   leaves OUT as it was.
 
-A tiny pretrained checkpoint (1 layer, 32 wide, 3 steps) is made once per module and shared.
+The tiny base checkpoint of conftest.py is shared.
 """
 
 import json
@@ -58,12 +58,8 @@ def records(out):
 
 
 @pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "base"
-    rc, _, stderr = finish(start("train_sft.py", "--pretrain", "--steps", 3, "--n-layer", 1, "--n-head", 2,
-                                 "--n-embd", 32, "--eval-n", 4, "--device", "cpu", "--out", out))
-    assert rc == 0, stderr
-    return out / "ckpt.pt"
+def base_ckpt(tiny_base):
+    return tiny_base
 
 
 def test_two_processes_match_one_process(base_ckpt, tmp_path):
@@ -131,9 +127,9 @@ def test_resume_matches_uninterrupted(base_ckpt, tmp_path):
 # refused: one "error:" line, a non-zero exit, and OUT exactly as it was
 
 @pytest.fixture(scope="module")
-def good_run(base_ckpt):
+def good_run(base_ckpt, tmp_path_factory):
     """A finished 1-stage SDFT run: OUT/ckpt.pt (with everything --resume needs) and metrics."""
-    out = base_ckpt.parent.parent / "good"
+    out = tmp_path_factory.mktemp("dist") / "good"
     rc, _, stderr = finish(start(*SDFT, "--init", base_ckpt, "--skills", "jab", "--steps", 2, "--out", out))
     assert rc == 0, stderr
     return out
@@ -151,8 +147,6 @@ def bad_cases(base_ckpt, good, tmp):
         ("other_lr", [*sdft, "--lr", 0.5], "--lr"),
         ("no_state", sdft, "no training state"),
         ("other_shards", [*sdft, "--grad-accum", 2], "micro-batches"),
-        ("pretrain_other_size", ["train_sft.py", "--pretrain", "--steps", 3, "--n-layer", 1, "--n-head", 2,
-                                 "--n-embd", 16, "--device", "cpu", "--resume"], "another config"),
         ("ckpt_every", [*sdft, "--ckpt-every", -1], "--ckpt-every"),
         ("grad_accum", [*sdft, "--grad-accum", 0], "--grad-accum"),
         ("uneven_batch", [*sdft, "--batch-size", 6, "--grad-accum", 4], "does not split"),
@@ -163,7 +157,7 @@ def test_resume_refuses_bad_checkpoints(base_ckpt, good_run, tmp_path):
     good = good_run
     cases = bad_cases(base_ckpt, good, tmp_path)
     for name, *_ in cases:
-        shutil.copytree(base_ckpt.parent if name.startswith("pretrain") else good, tmp_path / name)
+        shutil.copytree(good, tmp_path / name)
     ckpt = tmp_path / "truncated" / "ckpt.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:2000])  # cut off on disk
     (tmp_path / "missing" / "ckpt.pt").unlink()

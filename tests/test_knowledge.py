@@ -1,6 +1,6 @@
 """
 The knowledge world (data.py's last section), the training scripts' --facts, --cpt and --context,
-and knowledge.py, with a tiny model and budget: the formats the student and the teacher see, the
+and lab/knowledge.py, with a tiny model and budget: the formats the student and the teacher see, the
 splits (no evaluation entity or document in pretraining), bad input, and the first step's loss of
 each method recomputed here.
 
@@ -111,12 +111,12 @@ def test_splits_do_not_overlap_and_evaluation_never_occurs_in_pretraining():
 
 
 # -----------------------------------------------------------------------------
-# the scripts and the driver, on a tiny base made by knowledge.py --quick
+# the scripts and the driver, on a tiny base made by lab/knowledge.py --quick
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("knowledge")
-    r = subprocess.run([sys.executable, "knowledge.py", "--quick", "--facts", "3", "--seeds", "0", "--out", out],
+    r = subprocess.run([sys.executable, "lab/knowledge.py", "--quick", "--facts", "3", "--seeds", "0", "--out", out],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
@@ -162,9 +162,9 @@ def sdft_loss(model, facts, context, seed, agreed=False):
 
 
 def test_scripts_compute_what_they_say(quick):
-    """The first logged loss of knowledge.py's runs, SFT (the direct pairs), CPT (the documents)
+    """The first logged loss of lab/knowledge.py's runs, SFT (the direct pairs), CPT (the documents)
     and SDFT under each --context, equals the loss computed here from the same facts (3, seed 0),
-    data stream and rollouts (batches of 4: knowledge.py --quick; expert pairs, its default)."""
+    data stream and rollouts (batches of 4: lab/knowledge.py --quick; expert pairs, its default)."""
     model, facts, seed = load_checkpoint(str(quick / "base.pt"))[0].eval(), knowledge_facts(3, 0), 0
     run = lambda name: quick / "runs" / (f"{name}-3facts-seed0" if name == "cpt" else f"{name}-expert-3facts-seed0")
     assert first_loss(run("sft")) == pytest.approx(
@@ -187,10 +187,10 @@ BAD_INPUTS = [  # (script and flags, text the error line must contain)
     (["train_sdft.py", "--facts", "3", "--context", "docs"], "unknown --context 'docs'"),
     (["train_sdft.py", "--facts", str(MAX_FACTS + 1)], "distinct facts"),
     (["train_sft.py", "--cpt"], "--cpt needs --facts"),
-    (["train_sft.py", "--p-knowledge", "0.5"], "--p-knowledge"),
-    (["knowledge.py", "--facts", f"10,{MAX_FACTS + 1}"], "distinct facts"),
-    (["knowledge.py", "--facts", "ten"], "comma-separated integers"),
-    (["knowledge.py", "--jobs", "0"], "--jobs must be positive"),
+    (["lab/pretrain.py", "--p-knowledge", "1.5"], "--p-knowledge"),
+    (["lab/knowledge.py", "--facts", f"10,{MAX_FACTS + 1}"], "distinct facts"),
+    (["lab/knowledge.py", "--facts", "ten"], "comma-separated integers"),
+    (["lab/knowledge.py", "--jobs", "0"], "--jobs must be positive"),
 ]
 
 
@@ -214,7 +214,7 @@ def test_base_of_another_knowledge_world_is_refused(quick, tmp_path):
     base = tmp_path / "base.pt"
     torch.save(ckpt, base)
     before = base.read_bytes()
-    proc = subprocess.run([sys.executable, "knowledge.py", "--quick", "--base", base, "--out", tmp_path / "out"],
+    proc = subprocess.run([sys.executable, "lab/knowledge.py", "--quick", "--base", base, "--out", tmp_path / "out"],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and "another knowledge world" in lines[0], proc.stderr

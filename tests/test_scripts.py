@@ -1,6 +1,6 @@
 """
-Smoke tests of the scripts (train_sft.py, eval.py, and what train_sdft.py shares with
-train_sft.py) through subprocess, with tiny budgets: they run, write what they promise, are
+Smoke tests of the scripts (lab/pretrain.py, train_sft.py, eval.py, and what train_sdft.py
+shares with train_sft.py) through subprocess, with tiny budgets: they run, write what they promise, are
 reproducible, show the time left, and fail cleanly on bad input.
 
     python -m pytest -q tests/test_scripts.py
@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer
+from data import NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, world_signature
 from eval import evaluate
 from model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_SKILLS = list(PRIOR_SKILLS) + list(NEW_SKILLS)
-PRETRAIN = ["train_sft.py", "--pretrain", "--steps", 3, "--n-layer", 1, "--n-embd", 32, "--n-head", 2,
-            "--eval-n", 4, "--device", "cpu"]
+PRETRAIN = ["lab/pretrain.py", "--steps", 3, "--n-layer", 1, "--n-embd", 32, "--n-head", 2, "--device", "cpu"]
+METRICS = '{"step": 0, "loss": 1.0}\n'  # a run's metrics.jsonl, beside its checkpoint
 
 
 def script_env():
@@ -59,54 +59,54 @@ def pretrain_runs(tmp_path_factory):
     """The same tiny pretraining run twice, side by side (seed 0).
     Returns {name: (out dir, returncode, stdout, stderr)}."""
     root = tmp_path_factory.mktemp("scripts")
-    procs = {name: start(*PRETRAIN, "--seed", 0, "--out", root / name) for name in ("base", "base_again")}
-    return {name: (root / name, *finish(proc)) for name, proc in procs.items()}
+    procs = {name: start(*PRETRAIN, "--seed", 0, "--out", root / f"{name}.pt") for name in ("base", "base_again")}
+    return {name: (root / f"{name}.pt", *finish(proc)) for name, proc in procs.items()}
 
 
 @pytest.fixture(scope="module")
 def base_ckpt(pretrain_runs):
-    out, rc, _, stderr = pretrain_runs["base"]
+    path, rc, _, stderr = pretrain_runs["base"]
     assert rc == 0, stderr
-    return out / "ckpt.pt"
+    return path
+
+
+def pretrain_losses(stdout):
+    """The losses of lab/pretrain.py's step lines (every 100th step and the last)."""
+    return [float(x) for x in re.findall(r"\| loss (\S+) \|", stdout)]
 
 
 # -----------------------------------------------------------------------------
-# train_sft.py
+# lab/pretrain.py
 
 def test_pretrain_smoke(pretrain_runs):
-    out, rc, stdout, stderr = pretrain_runs["base"]
+    path, rc, stdout, stderr = pretrain_runs["base"]
     assert rc == 0, stderr
     assert "Traceback" not in stderr
-    assert (out / "ckpt.pt").is_file() and not (out / "ckpt.pt.tmp").exists()
-    records = read_metrics(out)
-    steps = [r for r in records if "loss" in r]
-    stages = [r for r in records if "accuracy" in r]
-    assert [r["step"] for r in steps] == [0, 1, 2]
-    for r in steps:
-        assert r["skill"] == "pretrain" and math.isfinite(r["loss"]) and r["loss"] > 0
-        assert r["lr"] > 0 and r["ms"] >= 0
-    assert steps[0]["loss"] == pytest.approx(math.log(42), rel=0.1)  # untrained: about uniform
-    assert len(stages) == 1 and stages[0]["skill"] == "pretrain" and stages[0]["steps"] == 3
-    assert list(stages[0]["accuracy"]) == ALL_SKILLS
-    assert all(0 <= a <= 1 for a in stages[0]["accuracy"].values())
-    assert "loss" in stdout and "pretrain done" in stdout
-    model, ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert path.is_file() and not Path(str(path) + ".tmp").exists()
+    assert re.findall(r"step (\d+)/3 ", stdout) == ["1", "3"]
+    losses = pretrain_losses(stdout)
+    assert losses[0] == pytest.approx(math.log(42), rel=0.1)  # untrained: about uniform
+    model, ckpt = load_checkpoint(str(path))
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (1, 2, 32)
     assert model.config.vocab_size == 42
-    assert ckpt["step"] == 3 and ckpt["skills"] == ["pretrain"] and ckpt["args"]["pretrain"] is True
+    assert set(ckpt) == {"model", "model_config", "args", "world", "knowledge_world"}  # a base: no training state
+    assert ckpt["args"]["steps"] == 3 and ckpt["world"] == world_signature() and ckpt["knowledge_world"] is None
 
 
 def test_pretrain_reproducible(pretrain_runs):
     """The same seed twice: identical losses and weights."""
     losses = {}
-    for name, (out, rc, _, stderr) in pretrain_runs.items():
+    for name, (_, rc, stdout, stderr) in pretrain_runs.items():
         assert rc == 0, (name, stderr)
-        losses[name] = [r["loss"] for r in read_metrics(out) if "loss" in r]
-    assert len(losses["base"]) == 3
-    assert losses["base"] == losses["base_again"]
-    a = torch.load(pretrain_runs["base"][0] / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(pretrain_runs["base_again"][0] / "ckpt.pt", weights_only=True)["model"]
+        losses[name] = pretrain_losses(stdout)
+    assert len(losses["base"]) == 2 and losses["base"] == losses["base_again"]
+    a = torch.load(pretrain_runs["base"][0], weights_only=True)["model"]
+    b = torch.load(pretrain_runs["base_again"][0], weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------
+# train_sft.py
 
 
 def test_sft_smoke(base_ckpt, tmp_path):
@@ -245,16 +245,15 @@ BAD_INPUTS = [  # (script and flags, text the error line must contain); {base} {
     (["eval.py", "--ckpt", "{base}", "--skills", "jab,nope"], "nope"),
     (["eval.py", "--ckpt", "{base}", "--n", "0"], "--n"),
     (["eval.py", "--ckpt", "{base}", "--temperature", "-1"], "--temperature"),
-    (["train_sft.py", "--pretrain", "--p-new", "1.5"], "--p-new"),
+    (["lab/pretrain.py", "--p-new", "1.5"], "--p-new"),
+    (["lab/pretrain.py", "--steps", "0"], "--steps"),
+    (["lab/pretrain.py", "--out", "{base}"], "already exists"),  # a base is never replaced
     (["train_sft.py", "--init", "{missing}"], "no checkpoint"),
     (["train_sft.py", "--init", "{corrupt}"], "not a readable checkpoint"),
     (["train_sft.py", "--init", "{base}", "--skills", "jab,nope"], "nope"),
     (["train_sft.py", "--init", "{base}", "--stop-at", "0"], "--stop-at"),
     (["train_sft.py", "--init", "{base}", "--stop-at", "1.5"], "--stop-at"),
     (["train_sft.py", "--init", "{base}", "--steps", "0"], "--steps"),
-    (["train_sft.py", "--pretrain", "--steps", "0"], "--steps"),
-    (["train_sft.py", "--pretrain", "--dft"], "--dft"),
-    (["train_sft.py", "--pretrain", "--keep-best"], "--keep-best"),
 ]
 
 
@@ -271,12 +270,14 @@ def bad_runs(base_ckpt, tmp_path_factory):
     for name in ("out", "out_late"):
         (tmp / name).mkdir()
         shutil.copy(base_ckpt, tmp / name / "ckpt.pt")
-        shutil.copy(base_ckpt.parent / "metrics.jsonl", tmp / name / "metrics.jsonl")
+        (tmp / name / "metrics.jsonl").write_text(METRICS)
     cases, procs = [], []
     for flags, needle in BAD_INPUTS:
         args = [a.format(**paths) for a in flags]
         if args[0] == "train_sft.py":
             args += ["--eval-n", "4", "--out", str(tmp / "out")]
+        elif args[0] == "lab/pretrain.py" and "--out" not in args:
+            args += ["--out", str(tmp / "new.pt")]
         cases.append((args, needle))
     # fails at its second step: a huge learning rate makes the loss non-finite
     cases.append((["train_sft.py", "--init", str(base_ckpt), "--skills", "jab", "--steps", "3", "--lr", "1e30",
@@ -310,7 +311,8 @@ def test_failing_run_keeps_good_checkpoint(bad_runs, base_ckpt):
     assert any("jab,nope" in args for args, *_ in results)  # an unknown skill was among them
     assert (tmp / "out" / "ckpt.pt").read_bytes() == good
     # rejected before anything was started, so the old metrics are kept too
-    assert (tmp / "out" / "metrics.jsonl").read_text() == (base_ckpt.parent / "metrics.jsonl").read_text()
+    assert (tmp / "out" / "metrics.jsonl").read_text() == METRICS
+    assert not (tmp / "new.pt").exists()  # lab/pretrain.py with a bad flag writes nothing
     assert (tmp / "out_late" / "ckpt.pt").read_bytes() == good
     for name in ("out", "out_late"):
         assert sorted(os.listdir(tmp / name)) == ["ckpt.pt", "metrics.jsonl"]
@@ -330,27 +332,21 @@ def test_unwritable_out_is_a_clean_error(base_ckpt, tmp_path):
         assert stdout == "", (args, stdout)
 
 
-def test_pretrain_keeps_a_checkpoint_in_out(base_ckpt, tmp_path):
-    """Pretraining into an --out that holds a readable checkpoint, without --resume, refuses and
-    leaves OUT as it was; a broken file there is no checkpoint, and is replaced. Fine-tuning
-    into an --out that holds a checkpoint runs as before (a rerun overwrites its own run)."""
-    for name in ("kept", "broken", "finetuned"):
-        (tmp_path / name).mkdir()
-        shutil.copy2(base_ckpt, tmp_path / name / "ckpt.pt")
-        shutil.copy2(base_ckpt.parent / "metrics.jsonl", tmp_path / name / "metrics.jsonl")
-    (tmp_path / "broken" / "ckpt.pt").write_bytes(base_ckpt.read_bytes()[:1000])  # truncated
-    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (tmp_path / "kept").iterdir()}
-    procs = {"kept": start(*PRETRAIN, "--out", tmp_path / "kept"),
-             "broken": start(*PRETRAIN, "--out", tmp_path / "broken"),
+def test_pretrain_keeps_a_base_finetuning_reruns(base_ckpt, tmp_path):
+    """lab/pretrain.py refuses an --out that exists, and leaves it as it was; fine-tuning into an
+    --out that holds a checkpoint runs as before (a rerun overwrites its own run)."""
+    (tmp_path / "finetuned").mkdir()
+    shutil.copy2(base_ckpt, tmp_path / "kept.pt")
+    shutil.copy2(base_ckpt, tmp_path / "finetuned" / "ckpt.pt")
+    before = ((tmp_path / "kept.pt").read_bytes(), (tmp_path / "kept.pt").stat().st_mtime_ns)
+    procs = {"kept": start(*PRETRAIN, "--out", tmp_path / "kept.pt"),
              "finetuned": start("train_sft.py", "--init", base_ckpt, "--skills", "jab", "--steps", 1, "--eval-n", 2,
                                 "--batch-size", 2, "--device", "cpu", "--out", tmp_path / "finetuned")}
     results = {name: finish(proc) for name, proc in procs.items()}
     rc, _, stderr = results["kept"]
-    check_clean_error(rc, stderr, "already holds a checkpoint", "pretrain over a checkpoint")
-    assert "--resume" in stderr
-    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (tmp_path / "kept").iterdir()} == before
-    for name in ("broken", "finetuned"):
-        rc, _, stderr = results[name]
-        assert rc == 0, (name, stderr)
-        _, ckpt = load_checkpoint(str(tmp_path / name / "ckpt.pt"))
-        assert ckpt["skills"] == (["pretrain"] if name == "broken" else ["jab"])
+    check_clean_error(rc, stderr, "already exists", "pretrain over a checkpoint")
+    assert ((tmp_path / "kept.pt").read_bytes(), (tmp_path / "kept.pt").stat().st_mtime_ns) == before
+    rc, _, stderr = results["finetuned"]
+    assert rc == 0, stderr
+    _, ckpt = load_checkpoint(str(tmp_path / "finetuned" / "ckpt.pt"))
+    assert ckpt["skills"] == ["jab"]

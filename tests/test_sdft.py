@@ -627,12 +627,8 @@ def run_script(*args, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sdft") / "base"
-    r = run_script("train_sft.py", "--pretrain", "--steps", 3, "--n-layer", 1, "--n-head", 2, "--n-embd", 32,
-                   "--eval-n", 4, "--device", "cpu", "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out / "ckpt.pt"
+def base_ckpt(tiny_base):
+    return tiny_base
 
 
 SDFT_ARGS = ["--skills", "jab,mug", "--steps", 2, "--eval-every", 1, "--eval-n", 4, "--max-new-tokens", 8,
@@ -640,9 +636,9 @@ SDFT_ARGS = ["--skills", "jab,mug", "--steps", 2, "--eval-every", 1, "--eval-n",
 
 
 @pytest.fixture(scope="module")
-def sdft_runs(base_ckpt):
+def sdft_runs(base_ckpt, tmp_path_factory):
     """The same command twice, run side by side: (out dir, completed process) for each."""
-    outs = [base_ckpt.parent.parent / f"sdft{i}" for i in range(2)]
+    outs = [tmp_path_factory.mktemp("sdft") / f"sdft{i}" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "train_sdft.py", "--init", str(base_ckpt), *map(str, SDFT_ARGS),
                                "--out", str(out)], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for out in outs]
@@ -726,7 +722,7 @@ LOSS_VARIANTS = [  # each flag set must make train_sdft.py compute what first_st
 ]
 
 
-def test_train_sdft_variants_compute_what_they_say(base_ckpt):
+def test_train_sdft_variants_compute_what_they_say(base_ckpt, tmp_path):
     """Who samples (--rollout), the loss (--loss), what the teacher sees (--teacher-sees) and
     whose weights it has (--teacher-ckpt): the first logged loss of each run equals the loss
     computed independently here. The re-invoke teacher is another model (the shipped base,
@@ -735,7 +731,7 @@ def test_train_sdft_variants_compute_what_they_say(base_ckpt):
     runs = []
     for i, variant in enumerate(LOSS_VARIANTS):
         flags = [str(v).format(other=other) for kv in variant.items() for v in kv if v is not None]
-        out = base_ckpt.parent.parent / f"variant{i}"
+        out = tmp_path / f"variant{i}"
         runs.append((variant, out, subprocess.Popen(
             [sys.executable, "train_sdft.py", "--init", str(base_ckpt), "--skills", "jab", "--steps", "1",
              "--eval-n", "2", "--batch-size", "4", "--max-new-tokens", "8", "--seed", "3", "--device", "cpu",
@@ -768,9 +764,9 @@ BAD_INPUTS = [  # (flags after --init BASE, text the error line must contain)
 ]
 
 
-def test_train_sdft_bad_input(base_ckpt):
+def test_train_sdft_bad_input(base_ckpt, tmp_path):
     """Each bad input: non-zero exit, one line on stderr starting with 'error:', no traceback."""
-    missing, other_vocab = str(base_ckpt.parent / "missing.pt"), str(base_ckpt.parent / "other-vocab.pt")
+    missing, other_vocab = str(tmp_path / "missing.pt"), str(tmp_path / "other-vocab.pt")
     full = torch.load(base_ckpt, weights_only=False)  # a complete checkpoint of a model with another vocabulary
     config = {**full["model_config"], "vocab_size": full["model_config"]["vocab_size"] + 8}
     torch.save({**full, "model": GPT(GPTConfig(**config)).state_dict(), "model_config": config}, other_vocab)
@@ -778,7 +774,7 @@ def test_train_sdft_bad_input(base_ckpt):
     # the tiny budget comes first, so the bad flag overrides it; a check that is missing makes a quick, clean run
     procs = [subprocess.Popen([sys.executable, "train_sdft.py", "--init", str(base_ckpt), *tiny,
                                *[a.format(missing=missing, other_vocab=other_vocab) for a in flags], "--device", "cpu",
-                               "--out", str(base_ckpt.parent.parent / "bad")],
+                               "--out", str(tmp_path / "bad")],
                               cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for flags, _ in BAD_INPUTS]  # side by side: each spends most of its time importing torch
     for (flags, needle), proc in zip(BAD_INPUTS, procs):
@@ -788,7 +784,7 @@ def test_train_sdft_bad_input(base_ckpt):
         assert "Traceback" not in stderr, (flags, stderr)
         assert len(lines) == 1 and lines[0].startswith("error:"), (flags, stderr)
         assert needle in lines[0], (flags, lines[0])
-    assert not (base_ckpt.parent.parent / "bad" / "ckpt.pt").exists()
+    assert not (tmp_path / "bad" / "ckpt.pt").exists()
 
 
 def test_train_sdft_too_long_rollout_is_a_clean_error(base_ckpt, tmp_path):

@@ -1,5 +1,5 @@
 """
-End-to-end check of studies.py (the paper's ablations and baselines) with a tiny budget:
+End-to-end check of lab/studies.py (the paper's ablations and baselines) with a tiny budget:
 every study runs, writes its results.json (one record per run, with the keys the issue names),
 table.md and plot, and a second call reuses the finished runs instead of training again.
 
@@ -20,7 +20,7 @@ STUDIES = ["onpolicy", "teacher", "divergence", "baselines", "size", "passk", "l
 
 def studies(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "studies.py", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "lab/studies.py", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -84,10 +84,10 @@ def test_bad_input_is_one_error_line(flags, needle, tmp_path):
 
 
 def test_a_run_is_reused_only_from_the_same_checkpoint(tmp_path):
-    """jobs.run_once reruns a finished command when the checkpoint it starts from has changed
+    """runner.run_once reruns a finished command when the checkpoint it starts from has changed
     under the same path (a base made again), and reuses it otherwise."""
     sys.path.insert(0, str(ROOT))
-    from jobs import run_once
+    from lab.runner import run_once
     script, base, log = tmp_path / "count.py", tmp_path / "base.pt", tmp_path / "runs.txt"
     script.write_text(f"open({str(log)!r}, 'a').write('ran\\n')\n")
     base.write_bytes(b"one base")

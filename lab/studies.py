@@ -14,7 +14,7 @@ Why it works: the paper's ablations and baselines, in miniature, one command per
 As the paper's ablations each learn one task, every run here learns one new skill from the
 shipped base (results/base/ckpt.pt), for each new skill and seed (3 x 3 runs per variant),
 with the budget and stopping rule of the benchmark, and is evaluated on every skill at the end.
-Each method runs at its tuned rate (jobs.LR: SFT's for the cross-entropy losses, SDFT's for the
+Each method runs at its tuned rate (runner.LR: SFT's for the cross-entropy losses, SDFT's for the
 divergences) unless the variant says otherwise. Each study writes OUT/STUDY/results.json (one
 record per run: study, variant, seed, skill, new_accuracy, prior_average, and what the study
 measures), OUT/STUDY/table.md and OUT/STUDY/STUDY.png. The runs themselves go to OUT/runs and
@@ -32,9 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from data import NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, eval_queries, parse_skills
 from eval import evaluate, inspect_step, pass_at_k, plot_inspect
-from jobs import BASE_SETTINGS, LR, check_base, clock, every, flags, mean_sd, pretrain_base, run_once
+from lab.runner import BASE_SETTINGS, LR, check_base, clock, every, flags, mean_sd, pretrain_base, run_once
 from model import load_checkpoint
 
 STUDIES = ["onpolicy", "teacher", "divergence", "baselines", "size", "passk", "law", "inside"]

@@ -1,8 +1,8 @@
 """
-Smoke test of bench.py through subprocess, with tiny settings and without TRL: it runs, and
+Smoke test of lab/speed.py through subprocess, with tiny settings and without TRL: it runs, and
 its last line has the format a script can check. Correctness only: no wall-clock assertions.
 
-    python -m pytest -q tests/test_bench.py
+    python -m pytest -q tests/test_speed.py
 """
 
 import math
@@ -19,7 +19,7 @@ TINY = ["--skip-trl", "--device", "cpu", "--threads", "1", "--repeats", "2", "--
 
 def run_bench(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 shared cores
-    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "lab/speed.py", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
 
 

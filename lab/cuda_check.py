@@ -1,7 +1,7 @@
 """
 GPU readiness check: on a CUDA machine, run what has a GPU path and compare it with the CPU.
 
-    python cuda_check.py
+    python lab/cuda_check.py
 
 1. the tests that have a GPU path (pytest -k "cuda or gpu"; none is an error only if some fail);
 2. the model on CUDA against the CPU reference: fp32 greedy generation gives identical tokens,
@@ -9,7 +9,7 @@ GPU readiness check: on a CUDA machine, run what has a GPU path and compare it w
    autocast logits are close to the fp32 CPU logits;
 3. one SDFT training step on CUDA, through the real scripts (a 3-step tiny pretraining, then
    train_sdft.py for one step);
-4. bench.py --skip-trl on CUDA, whose output is printed in full.
+4. lab/speed.py --skip-trl on CUDA, whose output is printed in full.
 Prints one line per check and exits non-zero if any failed. Without CUDA it prints one line
 and exits 0.
 """
@@ -28,10 +28,11 @@ if not torch.cuda.is_available():
     print("cuda_check: no CUDA device on this machine; nothing to check")
     sys.exit(0)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 from data import Tokenizer, encode_prompts, student_prompt, teacher_prompt  # noqa: E402
 from model import GPT, GPTConfig, autocast  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 device = torch.device("cuda")
 torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons need true fp32 matmuls (the default, made explicit)
 torch.backends.cudnn.allow_tf32 = False
@@ -107,11 +108,11 @@ check("bf16 autocast logits close to CPU fp32", error < 0.05 and agree > 0.9,
 # 3. one SDFT training step on CUDA, through the scripts
 
 with tempfile.TemporaryDirectory() as tmp:
-    base, sdft = os.path.join(tmp, "base"), os.path.join(tmp, "sdft")
-    proc = run("train_sft.py", "--pretrain", "--steps", 3, "--n-layer", 1, "--n-embd", 32, "--n-head", 2,
-               "--eval-n", 4, "--device", "cuda", "--out", base)
-    check("tiny pretraining on CUDA (train_sft.py)", proc.returncode == 0, proc.stderr.strip()[-300:])
-    proc = run("train_sdft.py", "--init", os.path.join(base, "ckpt.pt"), "--skills", "jab", "--steps", 1,
+    base, sdft = os.path.join(tmp, "base.pt"), os.path.join(tmp, "sdft")
+    proc = run("lab/pretrain.py", "--steps", 3, "--n-layer", 1, "--n-embd", 32, "--n-head", 2,
+               "--device", "cuda", "--out", base)
+    check("tiny pretraining on CUDA (lab/pretrain.py)", proc.returncode == 0, proc.stderr.strip()[-300:])
+    proc = run("train_sdft.py", "--init", base, "--skills", "jab", "--steps", 1,
                "--eval-n", 4, "--stop-at", 1, "--device", "cuda", "--out", sdft)  # stop-at 1: never skip the step
     losses = []
     if proc.returncode == 0:
@@ -124,10 +125,10 @@ with tempfile.TemporaryDirectory() as tmp:
 # -----------------------------------------------------------------------------
 # 4. the benchmark on CUDA
 
-proc = run("bench.py", "--skip-trl", "--device", "cuda")
+proc = run("lab/speed.py", "--skip-trl", "--device", "cuda")
 print(proc.stdout, end="")
 last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-check("bench.py --skip-trl on CUDA", proc.returncode == 0 and last.startswith("cache_speedup="),
+check("lab/speed.py --skip-trl on CUDA", proc.returncode == 0 and last.startswith("cache_speedup="),
       proc.stderr.strip()[-300:] if proc.returncode else last)
 
 print(f"cuda_check: {'all checks passed' if not failures else 'FAILED: ' + ', '.join(failures)}")

@@ -1,7 +1,7 @@
 """
-Running the training scripts for benchmark.py and studies.py: every run is the script itself,
-started as a subprocess with one thread, so there is one implementation of each method and a
-CPU run repeats exactly whether runs go side by side or not.
+Running the training scripts for benchmark.py and the studies (lab/studies.py, lab/knowledge.py):
+every run is the script itself, started as a subprocess with one thread, so there is one
+implementation of each method and a CPU run repeats exactly whether runs go side by side or not.
 """
 
 import hashlib
@@ -10,22 +10,18 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-import torch
-
 from data import knowledge_signature, world_signature
-from model import load_checkpoint
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts run from the root
 
 # The learning rate of each method, tuned as the paper tuned each method: the rate of the
 # sweep in results/lr with the best mean *validation* accuracy over the new skills after the last
 # stage (the default order, 3 seeds; results/README.md). One recipe for every order and skill;
 # the training scripts' defaults are the same rates.
 LR = {"sft": 3e-4, "sdft": 3e-5}
-# How the shipped base (results/base/ckpt.pt) was pretrained: train_sft.py --pretrain with these.
+# How the shipped base (results/base/ckpt.pt) was pretrained: lab/pretrain.py with these.
 BASE_SETTINGS = {"steps": 12000, "n_layer": 4, "n_head": 4, "n_embd": 128, "seed": 0, "p_new": 0.06, "p_right": 0.4}
 
 
@@ -95,26 +91,16 @@ def mean_sd(values):
 
 
 def pretrain_base(path, settings, on_line=None):
-    """Pretrain a base with train_sft.py --pretrain and the settings, and write it to path with
-    its weights, its settings and its toy world (data.world_signature()), not the optimizer or
-    RNG states: a few MB. Written to a temporary file and renamed: never a half-written base."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
-        run_script("train_sft.py", "--pretrain", *flags(settings), "--out", tmp, on_line=on_line)
-        _, full = load_checkpoint(os.path.join(tmp, "ckpt.pt"))
-    ckpt = {k: full[k] for k in ("model", "model_config", "args", "step", "stage", "skills", "stage_done")}
-    ckpt["world"] = world_signature()
-    if settings.get("p_knowledge"):
-        ckpt["knowledge_world"] = knowledge_signature()
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Pretrain a base at path with lab/pretrain.py and the settings (it writes the weights, the
+    settings and the toy world, all at once at the end: never a half-written base)."""
+    run_script("lab/pretrain.py", *flags(settings), "--out", path, on_line=on_line)
 
 
 def check_base(ckpt, settings):
     """Why this checkpoint is not a base made with these pretraining settings for this toy world,
     or None if it is one."""
-    if not ckpt["args"].get("pretrain") or not ckpt.get("stage_done"):
-        return "it is not a finished pretraining run"
+    if "world" not in ckpt:
+        return "it is not a base model (lab/pretrain.py makes those)"
     if ckpt.get("world") != world_signature():
         return "it was pretrained for another toy world (data.py's skills, rivals, formats or mixture have changed since)"
     if settings.get("p_knowledge") and ckpt.get("knowledge_world") != knowledge_signature():

@@ -2,9 +2,9 @@
 Benchmark: how fast generation and an SDFT step run, where the step's time goes, and how
 it compares with SFT and with TRL's SDFTTrainer on the same work.
 
-    python bench.py                              # CPU: about 30 s (--threads 1 if the cores are shared)
-    python bench.py --skip-trl --device cuda     # GPU, without the TRL side-by-side
-    pip install -r requirements-bench.txt        # TRL and its dependencies, for the side-by-side
+    python lab/speed.py                          # CPU: about 30 s (--threads 1 if the cores are shared)
+    python lab/speed.py --skip-trl --device cuda # GPU, without the TRL side-by-side
+    pip install -r lab/requirements-speed.txt    # TRL and its dependencies, for the side-by-side
 
 Each figure is the median over --repeats timed runs, after --warmup untimed ones; what is
 compared takes turns run by run, so that other load on the machine hits both sides alike:
@@ -38,6 +38,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from data import CHARS, EOT, Tokenizer, encode_prompts, sft_batch, skill_examples
 from model import GPT, GPTConfig, autocast, get_device
 from sdft import completion_logits, ema_update, loss_mask, make_teacher, masked_mean, per_token_divergence, rollout
@@ -311,7 +312,7 @@ def trl_seconds():
     trainer's step-begin to its step-end callmug, the EMA teacher update included."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything is built locally: never reach for the Hub
     os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"  # we know trl.experimental is experimental
-    try:  # imported here: TRL is a benchmark-only extra (requirements-bench.txt)
+    try:  # imported here: TRL is a benchmark-only extra (lab/requirements-speed.txt)
         import datasets
         import transformers
         import trl
@@ -320,7 +321,7 @@ def trl_seconds():
         from trl import SFTConfig, SFTTrainer
         from trl.experimental.sdft import SDFTConfig, SDFTTrainer
     except (ImportError, NameError) as e:  # NameError: trl 1.13's sdft module without peft
-        print(f"\n4. TRL: not available ({type(e).__name__}: {e}); pip install -r requirements-bench.txt")
+        print(f"\n4. TRL: not available ({type(e).__name__}: {e}); pip install -r lab/requirements-speed.txt")
         return None
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

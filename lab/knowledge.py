@@ -42,9 +42,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from data import CONTEXTS, MAX_FACTS, PRIOR_SKILLS, Tokenizer, knowledge_facts
 from eval import evaluate, knowledge_accuracy
-from jobs import BASE_SETTINGS, check_base, clock, every, flags, mean_sd, pretrain_base, run_once
+from lab.runner import BASE_SETTINGS, check_base, clock, every, flags, mean_sd, pretrain_base, run_once
 from model import load_checkpoint
 
 # The knowledge base: the skills base's recipe, with 40% of the batches knowledge examples and
@@ -53,7 +54,7 @@ from model import load_checkpoint
 KNOWLEDGE_BASE_SETTINGS = BASE_SETTINGS | {"steps": 20000, "p_knowledge": 0.4}
 # Each method's rate: the lowest of 1e-5, 3e-5, 1e-4 that answers all 10 facts of seed 0 directly
 # within the budget (direct after 300 steps: SFT 0.50, 1.00, 1.00; SDFT 0.00, 0.40, 1.00), the
-# skills' rates (jobs.LR) being too low for SDFT here: its student starts ~3.8 nats/token from the
+# skills' rates (runner.LR) being too low for SDFT here: its student starts ~3.8 nats/token from the
 # teacher, whose fact it does not know. CPT learns no fact at any of them, so it gets the highest.
 LR = {"cpt": 1e-4, "sft": 3e-5, "sdft": 1e-4}
 # SDFT's variants beside the paper's recipe, as train_sdft.py flags: the frozen base as teacher
@@ -104,7 +105,7 @@ except ValueError as e:
 except OSError as e:
     sys.exit(f"error: cannot write to --out {args.out} ({e.strerror})")
 
-device = torch.device("cpu")  # the runs are CPU runs (jobs.run_script); so is this evaluation
+device = torch.device("cpu")  # the runs are CPU runs (runner.run_script); so is this evaluation
 tok = Tokenizer()
 t_start = time.time()
 
