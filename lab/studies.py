@@ -68,6 +68,16 @@ PAPER = {  # the paper's number for each variant, where it gives one (PAPER.md)
     "divergence": {"sdft": "forward KL: the paper's results", "reverse-kl": "worse than forward (v2)", "skip3": "the code's setting"},
     "baselines": {"sft": "66.2 / 53.4", "dft": "54.8 / 60.2", "sft+reinvoke": "66.0 / 60.2", "sdft": "70.2 / 64.5"},
 }
+TITLES = {  # each study's plot
+    "onpolicy": "on-policy or the teacher? (the paper's Fig. 6)",
+    "teacher": "the teacher's weights: validation accuracy while learning (App. A.3, Fig. 8)",
+    "divergence": "the divergence, and the first tokens left out",
+    "baselines": "the baselines (the paper's Table 5)",
+    "size": "model size: the SDFT - SFT gap follows the teacher (Fig. 5 left)",
+    "passk": "pass@k (the paper's Fig. 5 right)",
+    "law": "the forgetting law: every run of every single-skill variant",
+    "inside": "inside one SDFT step, token by token",
+}
 STUDY_VARIANTS = {
     "onpolicy": ["sdft", "offline-kl", "offline-kl-sft-rate", "offline-ce", "offline-ce-sdft-rate", "sft"],
     "teacher": ["teacher-ema", "teacher-base", "teacher-live", "teacher-ema-sft-rate", "teacher-base-sft-rate", "teacher-live-sft-rate"],
@@ -254,7 +264,7 @@ def bars(ax, records, variants):
             ax.barh(i + 0.2 - 0.4 * j, statistics.mean(values), height=0.4, color=color, label=label if i == 0 else None,
                     xerr=statistics.stdev(values) if len(values) > 1 else None)
     ax.set_yticks(range(len(variants)), [VARIANTS[v][2] for v in reversed(variants)], fontsize=8)
-    ax.set_xlabel(f"accuracy after learning one new skill (mean ± sd over {len(skills)} skills x {len(seeds)} seeds)")
+    ax.set_xlabel(f"accuracy after one new skill (mean ± sd, {len(skills)} skills x {len(seeds)} seeds)")
     ax.set_xlim(0, 1.05)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)  # above the bars
 
@@ -275,6 +285,7 @@ def write(study, records, rows, draw, config=None):
     import matplotlib.pyplot as plt
 
     fig = draw(plt)
+    fig.suptitle(TITLES[study], fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"{study}.png"), dpi=120)
     plt.close("all")
@@ -362,8 +373,11 @@ def size_study():
                 marker="s", linestyle="--", label="teacher accuracy (demonstration in context)")
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set_xscale("log")
-        ax.set_xlabel("parameters")
-        ax.legend(fontsize=7)
+        ax.set_xticks([p for p, _ in by_size], [f"{p / 1e6:.2f}M\n({n})" for p, n in by_size])
+        ax.minorticks_off()  # only the sizes measured: no overlapping log-scale labels
+        ax.set_xlabel("parameters (layers x width)")
+        ax.set_ylabel("accuracy, or difference in accuracy")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=1)
         return fig
     write("size", records, rows, draw, {"sizes": SIZES})
     return records
@@ -428,7 +442,7 @@ def law_study():
     pooled = fit([(r["kl_from_base"], r["prior_drop"]) for r in records])
 
     def draw(plt):
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+        fig, ax = plt.subplots(figsize=(10, 4.5))
         for i, v in enumerate(variants):
             rs = [r for r in records if r["variant"] == v]
             ax.scatter([r["kl_from_base"] for r in rs], [r["prior_drop"] for r in rs], s=14, color=plt.cm.tab20(i % 20),
@@ -437,7 +451,7 @@ def law_study():
         ax.plot(xs, [pooled[1] + pooled[0] * x for x in xs], color="black", label=f"pooled fit, R^2 {pooled[2]:.2f}")
         ax.set_xlabel("KL(model || base) on the learned skill's answers (nats/token)")
         ax.set_ylabel("drop in prior-skill average")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside, not on, the data
         return fig
     write("law", records, rows, draw, {"pooled": {"slope": pooled[0], "intercept": pooled[1], "r2": pooled[2]}})
     return records
