@@ -29,7 +29,8 @@ if not torch.cuda.is_available():
     sys.exit(0)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
-from data import Tokenizer, encode_prompts, student_prompt, teacher_prompt  # noqa: E402
+from data import (SKILLS, Tokenizer, demonstration, encode_prompts, student_prompt,  # noqa: E402
+                  teacher_prompt)
 from model import GPT, GPTConfig, autocast  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,8 +70,10 @@ else:
 # 2. the model on CUDA against the CPU reference
 
 tok = Tokenizer()
-prompts = [student_prompt("rev", "abc"), teacher_prompt("sort", "cabdefg", "a b c d e f g=abcdefg"),
-           student_prompt("drop", "jihgfed"), teacher_prompt("jab", "bca", "120")]  # lengths differ: left padding
+prompts = [student_prompt("rev", "abc"),  # the toy's skills and formats; lengths differ: left padding
+           teacher_prompt("zag", "cabdef", demonstration(SKILLS["zag"]("cabdef"), "expert")),
+           student_prompt("drop", "jihgfe"),
+           teacher_prompt("jab", "bca", demonstration(SKILLS["jab"]("bca"), "own"))]
 ids, mask = encode_prompts(tok, prompts)
 torch.manual_seed(1)
 cpu_model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()

@@ -103,18 +103,28 @@ def test_replot_redraws_from_results(quick, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_base_is_weights_only_and_reused(quick):
+def test_base_is_weights_only_and_reused_and_flags_reach_the_runs(quick):
+    """The quick base holds weights, settings and world only. Another run from it, with
+    --pretrain, reuses it (same settings, same world) and leaves it untouched; --agreed-prefix
+    reaches the SDFT runs only, --stop-at both."""
     tmp, _ = quick
     base = tmp / "base" / "ckpt.pt"
     ckpt = torch.load(base, weights_only=True)
-    assert set(ckpt) == {"model", "model_config", "args", "world", "knowledge_world"} and ckpt["world"] == world_signature()
+    assert {"model", "model_config", "args", "world"} <= set(ckpt)
+    assert not {"optimizer", "data_rng", "torch_rng"} & set(ckpt)  # weights only: no training state
+    assert ckpt["world"] == world_signature()
     before = base.stat().st_mtime_ns
-    procs = [start_benchmark("--quick", "--seeds", "0", "--skills", TWO[0], "--out", tmp / f"again{i}", "--base", base, *extra)
-             for i, extra in enumerate(([], ["--pretrain"]))]  # --pretrain finds a base of the same settings and world
-    for proc in map(finish, procs):  # side by side: reused, not replaced
-        assert proc.returncode == 0, proc.stderr
-        assert "reusing" in proc.stdout and "pretraining" not in proc.stdout
+    out = tmp / "agreed"
+    proc = run_benchmark("--quick", "--seeds", "0", "--skills", TWO[0], "--out", out, "--base", base,
+                         "--pretrain", "--agreed-prefix", "--stop-at", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert "reusing" in proc.stdout and "pretraining" not in proc.stdout
     assert base.stat().st_mtime_ns == before
+    runs = {p.name.split("-")[0]: torch.load(p / "ckpt.pt", weights_only=False)["args"]
+            for p in (out / "runs").iterdir()}
+    assert runs["sdft"]["agreed_prefix"] is True and "agreed_prefix" not in runs["sft"]
+    assert runs["sdft"]["stop_at"] == runs["sft"]["stop_at"] == 0.5
+    assert "SDFT (agreed prefix)" in (out / "table.md").read_text()
 
 
 def test_base_seeds_table(quick):
@@ -134,47 +144,13 @@ def test_base_seeds_table(quick):
     assert records[0] != records[1]  # another seed, another base
 
 
-def test_agreed_prefix_reaches_the_sdft_runs_only_and_stop_at_both(quick):
-    tmp, _ = quick
-    out = tmp / "agreed"
-    proc = run_benchmark("--quick", "--seeds", "0", "--skills", TWO[0], "--out", out, "--base", tmp / "base" / "ckpt.pt",
-                         "--agreed-prefix", "--stop-at", "0.5")
-    assert proc.returncode == 0, proc.stderr
-    runs = {p.name.split("-")[0]: torch.load(p / "ckpt.pt", weights_only=False)["args"] for p in (out / "runs").iterdir()}
-    assert runs["sdft"]["agreed_prefix"] is True and "agreed_prefix" not in runs["sft"]
-    assert runs["sdft"]["stop_at"] == runs["sft"]["stop_at"] == 0.5
-    assert "SDFT (agreed prefix)" in (out / "table.md").read_text()
-
-
-@pytest.mark.parametrize("change, flags, needle", [
+REFUSED_BASES = [  # (change to the quick base, flags, text of the error line)
     ("world", [], "another toy world"),  # e.g. made before a skill was added
     ("world", ["--pretrain"], "another toy world"),  # --pretrain never replaces it either
     (None, ["--p-new", "0.05"], "other settings"),
     ("garbage", ["--pretrain"], "not a readable checkpoint"),
-])
-def test_base_of_another_world_or_settings_is_refused(quick, tmp_path, change, flags, needle):
-    tmp, _ = quick
-    base = tmp_path / "ckpt.pt"
-    ckpt = torch.load(tmp / "base" / "ckpt.pt", weights_only=True)
-    if change == "world":
-        ckpt["world"] = "0" * 8
-    torch.save(ckpt, base)
-    if change == "garbage":
-        base.write_bytes(b"not a checkpoint")
-    before = base.read_bytes()
-    proc = run_benchmark("--quick", "--out", tmp_path / "out", "--base", base, *flags)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
-    assert base.read_bytes() == before
-
-
-def test_no_base_without_pretrain(tmp_path):
-    proc = run_benchmark("--out", tmp_path / "out", "--base", tmp_path / "none" / "ckpt.pt")
-    assert proc.returncode != 0 and "--pretrain" in proc.stderr and "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize("flags, needle", [
+]
+BAD_INPUTS = [  # (flags, text of the error line)
     (["--skills", "jab,nope"], "nope"),
     (["--skills", "copy"], "new skills"),
     (["--skills", "jab,jab"], "distinct"),
@@ -184,12 +160,47 @@ def test_no_base_without_pretrain(tmp_path):
     (["--lr-sft", "x"], "--lr-sft"),
     (["--stop-at", "1.5"], "--stop-at"),
     (["--out", "/proc/no-such-dir/out"], "--out"),
-])
-def test_bad_input(quick, flags, needle):
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(quick, tmp_path_factory):
+    """Every refused base and bad input at once, side by side (each is mostly importing torch):
+    [(needle, returncode, stderr, what must be as it was: (path, bytes before))]."""
     tmp, _ = quick
-    before = (tmp / "out" / "results.json").read_bytes()
-    proc = run_benchmark("--quick", "--out", tmp / "out", "--base", tmp / "base" / "ckpt.pt", *flags)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
-    assert (tmp / "out" / "results.json").read_bytes() == before  # nothing earlier destroyed
+    cases = []
+    for i, (change, flags, needle) in enumerate(REFUSED_BASES):
+        base = tmp_path_factory.mktemp(f"refused{i}") / "ckpt.pt"
+        ckpt = torch.load(tmp / "base" / "ckpt.pt", weights_only=True)
+        if change == "world":
+            ckpt["world"] = "0" * 8
+        torch.save(ckpt, base)
+        if change == "garbage":
+            base.write_bytes(b"not a checkpoint")
+        cases.append((["--out", base.parent / "out", "--base", base, *flags], needle, base))
+    for flags, needle in BAD_INPUTS:  # into the quick run's OUT: its results.json must survive
+        cases.append((["--out", tmp / "out", "--base", tmp / "base" / "ckpt.pt", *flags], needle,
+                      tmp / "out" / "results.json"))
+    kept = [(path, path.read_bytes()) for _, _, path in cases]
+    procs = [start_benchmark("--quick", *flags) for flags, _, _ in cases]
+    results = []
+    for (_, needle, _), proc, before in zip(cases, procs, kept):
+        done = finish(proc)
+        results.append((needle, done.returncode, done.stderr, before))
+    return results
+
+
+@pytest.mark.parametrize("i", range(len(REFUSED_BASES) + len(BAD_INPUTS)))
+def test_bad_base_or_input_is_one_error_line(refusals, i):
+    """A base of another world or settings, or an unreadable one, is refused and never replaced;
+    a bad flag is refused before anything earlier is touched."""
+    needle, returncode, stderr, (path, before) = refusals[i]
+    lines = stderr.strip().splitlines()
+    assert returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], stderr
+    assert path.read_bytes() == before
+
+
+def test_no_base_without_pretrain(tmp_path):
+    proc = run_benchmark("--out", tmp_path / "out", "--base", tmp_path / "none" / "ckpt.pt")
+    assert proc.returncode != 0 and "--pretrain" in proc.stderr and "Traceback" not in proc.stderr

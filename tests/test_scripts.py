@@ -89,7 +89,8 @@ def test_pretrain_smoke(pretrain_runs):
     model, ckpt = load_checkpoint(str(path))
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (1, 2, 32)
     assert model.config.vocab_size == 42
-    assert set(ckpt) == {"model", "model_config", "args", "world", "knowledge_world"}  # a base: no training state
+    assert {"model", "model_config", "args", "world"} <= set(ckpt)
+    assert not {"optimizer", "data_rng", "torch_rng"} & set(ckpt)  # a base: no training state
     assert ckpt["args"]["steps"] == 3 and ckpt["world"] == world_signature() and ckpt["knowledge_world"] is None
 
 
