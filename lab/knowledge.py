@@ -2,10 +2,10 @@
 Knowledge acquisition in miniature: learning facts from documents (the paper's Table 1, and its
 teacher-context ablation, App. A.2), one command.
 
-    python knowledge.py                       # 10 facts, 3 seeds, every method (about 4 min on 2 CPU cores)
-    python knowledge.py --facts 10,50         # the number of facts learned at once (results/knowledge; 45 min)
-    python knowledge.py --demo-style own --out results/knowledge-own   # pairs in the model's own style (the control)
-    python knowledge.py --quick               # a tiny check of the pipeline: shows nothing
+    python lab/knowledge.py                       # 10 facts, 3 seeds, every method (about 4 min on 2 CPU cores)
+    python lab/knowledge.py --facts 10,50         # the number of facts learned at once (results/knowledge; 45 min)
+    python lab/knowledge.py --demo-style own --out results/knowledge-own   # pairs in the model's own style (the control)
+    python lab/knowledge.py --quick               # a tiny check of the pipeline: shows nothing
 
 From the knowledge base (results/base-knowledge/ckpt.pt: the skills mixture plus knowledge
 examples, pretrained first if it is missing), each method learns the same n facts about

@@ -1,15 +1,15 @@
 """
 Why it works: the paper's ablations and baselines, in miniature, one command per study.
 
-    python studies.py onpolicy      # on-policy or the teacher? SDFT, offline distillation, SFT on teacher samples, SFT (§4.6, Fig. 6)
-    python studies.py teacher       # the teacher's weights: EMA, frozen base or the live student, learning curves (App. A.3, Fig. 8)
-    python studies.py divergence    # forward KL, reverse KL, JSD 0.5; skipping 0, 1 or 3 first tokens
-    python studies.py baselines     # SFT, DFT, SFT + re-invoke, SDFT (Table 5)
-    python studies.py size          # model size: the teacher's in-context accuracy and the SDFT - SFT gap (Fig. 5 left)
-    python studies.py passk         # pass@1..16 of the base, SFT and SDFT (Fig. 5 right)
-    python studies.py law           # the forgetting law: the prior-skill drop against kl_from_base (RL's Razor)
-    python studies.py inside        # inside one SDFT step, token by token (also: eval.py --inspect SKILL)
-    python studies.py all           # every study, about an hour on 2 CPU cores; --quick: a tiny check of the pipeline
+    python lab/studies.py onpolicy      # on-policy or the teacher? SDFT, offline distillation, SFT on teacher samples, SFT (§4.6, Fig. 6)
+    python lab/studies.py teacher       # the teacher's weights: EMA, frozen base or the live student, learning curves (App. A.3, Fig. 8)
+    python lab/studies.py divergence    # forward KL, reverse KL, JSD 0.5; skipping 0, 1 or 3 first tokens
+    python lab/studies.py baselines     # SFT, DFT, SFT + re-invoke, SDFT (Table 5)
+    python lab/studies.py size          # model size: the teacher's in-context accuracy and the SDFT - SFT gap (Fig. 5 left)
+    python lab/studies.py passk         # pass@1..16 of the base, SFT and SDFT (Fig. 5 right)
+    python lab/studies.py law           # the forgetting law: the prior-skill drop against kl_from_base (RL's Razor)
+    python lab/studies.py inside        # inside one SDFT step, token by token (also: eval.py --inspect SKILL)
+    python lab/studies.py all           # every study, about 1.5 hours on 2 CPU cores; --quick: a tiny check of the pipeline
 
 As the paper's ablations each learn one task, every run here learns one new skill from the
 shipped base (results/base/ckpt.pt), for each new skill and seed (3 x 3 runs per variant),
@@ -48,9 +48,9 @@ VARIANTS = {  # name: (script, flags, label)
     "offline-kl-sft-rate": (SDFT[0], OFFLINE | {"lr": LR["sft"]}, "offline distillation, at SFT's rate"),
     "offline-ce": (SDFT[0], SFT[1] | OFFLINE | {"loss": "ce"}, "SFT on the teacher's samples"),
     "offline-ce-sdft-rate": (SDFT[0], OFFLINE | {"loss": "ce", "lr": LR["sdft"]}, "SFT on the teacher's samples, at SDFT's rate"),
-    "teacher-ema": (SDFT[0], SDFT[1] | {"stop_at": 1}, "EMA teacher (no early stop)"),
-    "teacher-base": (SDFT[0], SDFT[1] | {"stop_at": 1, "teacher": "base"}, "frozen base teacher (no early stop)"),
-    "teacher-live": (SDFT[0], SDFT[1] | {"stop_at": 1, "teacher": "live"}, "live student as teacher (no early stop)"),
+    "teacher-ema": (SDFT[0], SDFT[1] | {"stop_at": 1}, "EMA teacher (stops only at 1.00)"),
+    "teacher-base": (SDFT[0], SDFT[1] | {"stop_at": 1, "teacher": "base"}, "frozen base teacher (stops only at 1.00)"),
+    "teacher-live": (SDFT[0], SDFT[1] | {"stop_at": 1, "teacher": "live"}, "live student as teacher (stops only at 1.00)"),
     "teacher-ema-sft-rate": (SDFT[0], {"lr": LR["sft"], "stop_at": 1}, "EMA teacher, at SFT's rate"),
     "teacher-base-sft-rate": (SDFT[0], {"lr": LR["sft"], "stop_at": 1, "teacher": "base"}, "frozen base teacher, at SFT's rate"),
     "teacher-live-sft-rate": (SDFT[0], {"lr": LR["sft"], "stop_at": 1, "teacher": "live"}, "live student as teacher, at SFT's rate"),
@@ -310,7 +310,8 @@ def variant_study(study):
 
 
 def teacher_study():
-    """EMA, frozen base or live teacher, run to the whole budget: validation accuracy over steps."""
+    """EMA, frozen base or live teacher, each stopping only at a perfect validation score (or the
+    whole budget): validation accuracy over steps."""
     variants = STUDY_VARIANTS["teacher"]
     records = run_all("teacher", variants)
     for r in records:  # does the trained model still read a demonstration (what a live or EMA teacher relies on)?
