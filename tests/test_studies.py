@@ -106,3 +106,15 @@ def test_a_run_is_reused_only_from_the_same_checkpoint(tmp_path):
     base.write_bytes(b"another base, same path")
     run_once(command, str(out))
     assert log.read_text().count("ran") == 2
+
+
+def test_one_recipe_the_scripts_defaults_are_the_chosen_rates():
+    """The rates the drivers pass (lab/runner.LR, chosen on validation in results/lr) are the
+    training scripts' own defaults: `python train_sdft.py` alone runs the headline's recipe."""
+    import re
+    sys.path.insert(0, str(ROOT))
+    from lab.runner import LR
+    for method in ("sft", "sdft"):
+        source = (ROOT / f"train_{method}.py").read_text()
+        default = re.search(r'add\("--lr", type=float, default=([0-9.e+-]+)', source)
+        assert default and float(default.group(1)) == LR[method], method
