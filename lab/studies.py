@@ -60,7 +60,7 @@ VARIANTS = {  # name: (script, flags, label)
     "skip3": (SDFT[0], SDFT[1] | {"skip": 3}, "skip the first 3 tokens"),
     "agreed-prefix": (SDFT[0], SDFT[1] | {"agreed_prefix": True}, "only the agreed prefix (not in the paper)"),
     "dft": (SFT[0], SFT[1] | {"dft": True}, "DFT"),
-    "sft+reinvoke": (None, None, "SFT + re-invoke (two stages; sees prior-skill prompts)"),
+    "sft+reinvoke": (None, None, "SFT + re-invoke (two stages; sees prior-skill prompts; kl_from_base: after SFT)"),
 }
 PAPER = {  # the paper's number for each variant, where it gives one (PAPER.md)
     "onpolicy": {"sdft": "~70", "offline-kl": "~64", "offline-ce": "~62", "sft": "below both"},
