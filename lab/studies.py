@@ -333,7 +333,7 @@ def teacher_study():
             ax.set_title(f"{skill} ({len(seeds)} seeds)")
             ax.set_xlabel("step")
         axes[0][0].set_ylabel("validation accuracy")
-        axes[0][-1].legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the data
         return fig
     write("teacher", records, variant_table("teacher", records, variants, [peak, last, demo]), draw)
     return records

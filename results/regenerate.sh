@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Regenerate every result under results/ from the shipped base models:
 #
-#     bash results/regenerate.sh          # about 80 min on 2 CPU cores (the two extra seed bases ~7 min each)
+#     bash results/regenerate.sh          # about 3 hours on 2 CPU cores, in parts: runs are cached
 #
 # Every training run uses one thread (benchmark.py sees to it), so the figures repeat exactly
 # on a machine whose CPU sums as this one did; results/README.md copies its tables from each
 # OUT/table.md. After changing the toy world or the pretraining, make new bases first (each
-# ~7 min on one core; --pretrain never replaces a checkpoint, so remove the old one):
+# ~7 min on one core; a base is never replaced, so remove the old one):
 #     git rm results/base/ckpt.pt && python benchmark.py --pretrain --base results/base/ckpt.pt --out runs/new-base
 #     git rm results/base-unseen/ckpt.pt && python benchmark.py --pretrain --p-new 0 --base results/base-unseen/ckpt.pt --out runs/new-base-unseen
 set -euo pipefail
@@ -35,9 +35,10 @@ python benchmark.py --skills max,zag,hub,mug,jab --seeds 0,1,2 --out results/lon
 python benchmark.py --demo-style own --seeds 0,1,2 --out results/own
 python benchmark.py --p-new 0 --base results/base-unseen/ckpt.pt --seeds 0,1,2 --out results/unseen
 
-# Not yet made again on this world (results/README.md says so; the committed ones are the previous world's):
-# why it works, the paper's ablations and baselines, each skill learned alone, 3 seeds
-#   python studies.py all
-# knowledge from documents (the paper's Table 1), on its own base, 10 and 50 facts, 3 seeds
-#   python knowledge.py --facts 10,50
-#   python knowledge.py --demo-style own --out results/knowledge-own
+# why it works: the paper's ablations and baselines, each skill learned alone, 3 seeds
+# (the size study's two smaller bases are made in results/studies/size, ~3 min each)
+python lab/studies.py all
+# knowledge from documents (the paper's Table 1), on its own base (made where missing, ~25 min), 3 seeds
+python lab/knowledge.py --facts 10,50
+python lab/knowledge.py --demo-style own --out results/knowledge-own
+python eval.py --ckpt results/base-knowledge/ckpt.pt --mistakes 0 > results/base-knowledge/eval.txt
