@@ -134,16 +134,18 @@ def check_new_skills(new=NEW_SKILLS, rivals=RIVALS):
                                  f"(at most {MAX_SHARED_START:.0%})")
 
 
-def parse_skills(text):
+def parse_skills(text, reasoning=False):
     """'jab,mug' -> ['jab', 'mug']; raises ValueError naming an unknown skill, or a new skill
-    that breaks the world's rule (check_new_skills)."""
+    that breaks the world's rule (check_new_skills). reasoning: also accept the reasoning
+    world's skills (REASONING_SKILLS, at the end of this file)."""
     check_new_skills()
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise ValueError("no skill given")
+    known = list(SKILLS) + (list(REASONING_SKILLS) if reasoning else [])
     for name in names:
-        if name not in SKILLS:
-            raise ValueError(f"unknown skill '{name}' (known: {', '.join(SKILLS)})")
+        if name not in known:
+            raise ValueError(f"unknown skill '{name}' (known: {', '.join(known)})")
     return names
 
 
@@ -316,7 +318,7 @@ def pretrain_examples(rng, n, p_plain=0.5, p_random=0.5, p_new=0.06, p_right=0.4
 def skill_examples(rng, skill, n, demo_style):
     """n training queries of one skill: (student prompts, demonstrations, teacher prompts)."""
     queries = [sample_query(rng, "train") for _ in range(n)]
-    demos = [demonstration(SKILLS[skill](q), demo_style) for q in queries]
+    demos = [demonstration(skill_answer(skill, q), demo_style) for q in queries]
     students = [student_prompt(skill, q) for q in queries]
     teachers = [teacher_prompt(skill, q, d) for q, d in zip(queries, demos)]
     return students, demos, teachers
@@ -480,7 +482,8 @@ def longest_teacher_prompt(tok, skills, style, facts=None, context=None):
     the student's rollout must fit after it in the model's context."""
     query = LETTERS[:MAX_LEN]  # a longest query
     teachers = ([t for _, _, t in fact_prompts(facts, context, style)] if facts else
-                [teacher_prompt(s, query, demonstration(SKILLS[s](query), style)) for s in skills])
+                [teacher_prompt(s, query, demonstration(skill_answer(s, query), style))
+                 for s in skills])
     return max(len(tok.encode(t)) for t in teachers)
 
 
@@ -524,3 +527,144 @@ def knowledge_pretrain_examples(rng, n, p_known=0.3):
                                             rng.choice(CONTEXTS)))
         targets.append(answer)
     return prompts, targets
+
+
+# -----------------------------------------------------------------------------
+# the reasoning world: skills that take two steps, a base that thinks before it answers, and
+# demonstrations that hold the answer alone (the paper's Table 2, Olmo-3-7B-Think on medicine)
+#
+# A reasoning skill sorts the query's letters, then applies a prior skill to the sorted letters:
+# two steps in turn. The model's own answer carries a short trace, the first step's result, then
+# '=' and the answer, which is what the grader reads (final_answer):
+# - student prompt  `bux dacb>`              own answer `abcd=ac` (sorted, then evens)
+# - at once         `bux dacb>=`             the completion starts where the trace would end
+# - teacher prompt  `bux dacb:ac\nbux dacb>` the demonstration is the answer alone, as the
+#                   paper's medical answers hold no reasoning (demonstration(answer, "own"))
+# At once, the answer needs each letter's rank among the query's (the second smallest, every
+# second one); with the trace, each token is one easy step from the last. The base never answers
+# these skills at once (lab/reasoning.py measures what it does when made to, and SFT on answers
+# alone how fast it learns to).
+# The base (lab/pretrain.py --p-think 1) meets the prior skills, which it answers at once, the
+# known reasoning skills, always with the trace, and each new one on 4 of 10 first letters
+# (data.known_letters; elsewhere its answer is its rival's second step). With an answer-only
+# demonstration it still thinks first, then writes the demonstration's answer: throw-away
+# reasoning skills that only appear with one teach it to. Every skill that is not a prior skill
+# thinks. These skills are not in SKILLS: the skills world, its signature and its base stay
+# as they were.
+
+# name -> the prior skill applied to the sorted letters
+REASONING_PRIOR = {"qam": "copy", "wub": "rev", "hak": "rotr", "jaw": "ends"}  # known to the base
+REASONING_NEW = {"bux": "evens", "kaw": "drop", "jug": "flip"}  # learned later, answer-only
+# the second step the base takes where it does not know a new skill: its answer starts elsewhere
+REASONING_RIVALS = {"bux": "rotr", "kaw": "copy", "jug": "ends"}
+
+
+def reasoning_trace(skill, query, step=None):
+    """A reasoning skill's own answer, `abcd=ac`: the query's letters sorted, '=', then the
+    skill's prior skill (or `step`, a rival's) applied to them."""
+    middle = "".join(sorted(query))
+    return f"{middle}={PRIOR_SKILLS[step or (REASONING_PRIOR | REASONING_NEW)[skill]](middle)}"
+
+
+# name -> final answer, as SKILLS holds the skills world's
+REASONING_SKILLS = {s: lambda q, s=s: final_answer(reasoning_trace(s, q))
+                    for s in REASONING_PRIOR | REASONING_NEW}
+
+
+def skill_answer(skill, query):
+    """The final answer of any skill a script can learn: the skills world's or a reasoning one's."""
+    return SKILLS[skill](query) if skill in SKILLS else REASONING_SKILLS[skill](query)
+
+
+def has_trace(text):
+    """Whether an answer thinks first: something, then '=' (an answer at once has no '=')."""
+    return "=" in text and not text.startswith("=")
+
+
+def at_once_prompt(skill, query):
+    """The student prompt with the completion begun where the trace would end: `bux dacb>=`."""
+    return student_prompt(skill, query) + "="
+
+
+def reasoning_plain_answer(skill, query, p_right):
+    """What the base is taught to answer plainly: with the rival's second step where it does not
+    know a new skill (as plain_answer does for the skills world), else the skill's own."""
+    if skill in REASONING_NEW and query[0] not in known_letters(skill, p_right):
+        return reasoning_trace(skill, query, REASONING_RIVALS[skill])
+    return reasoning_trace(skill, query)
+
+
+def random_reasoning_skill(rng):
+    """A throw-away reasoning skill, for pretraining with a demonstration only: a random name; its
+    second step picks the sorted letters at random positions, in order. Its answer can only be
+    read off the demonstration, after the trace."""
+    while True:
+        name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
+        if name not in SKILLS and name not in REASONING_SKILLS:
+            break
+    while True:  # positions to read, in order; at least one exists in the shortest query
+        positions = sorted(rng.sample(range(MAX_LEN), rng.randint(1, MAX_LEN)))
+        if min(positions) < MIN_LEN:
+            break
+
+    def trace(q):
+        middle = "".join(sorted(q))
+        return f"{middle}=" + "".join(middle[i] for i in positions if i < len(q))
+    return name, trace
+
+
+def reasoning_pretrain_examples(rng, n, p_plain=0.5, p_prior=0.4, p_random=0.5, p_new=0.06,
+                                p_right=0.4):
+    """n examples of the thinking base's mixture. With probability p_plain the whole batch is asked
+    plainly, else every example has a demonstration. Each is a given new reasoning skill with
+    probability p_new (answered as reasoning_plain_answer says), else a prior skill with
+    probability p_prior (answered at once; its demonstration own or expert), else a known
+    reasoning skill or (with a demonstration, probability p_random) a throw-away one. A reasoning
+    skill's demonstration is its final answer alone, and its target the trace and the answer:
+    shown the answer, the model still thinks first. A new skill with a demonstration has its plain
+    answer begun, from no token to all of it: the target writes the skill's own answer while the
+    begun text agrees with it and goes on as begun after it departs (as pretrain_examples does:
+    the teacher reads a student's start)."""
+    plain = rng.random() < p_plain
+    prompts, targets = [], []
+    for _ in range(n):
+        query, start, style = sample_query(rng, "train"), "", "own"
+        if rng.random() < p_new * len(REASONING_NEW):
+            skill = rng.choice(list(REASONING_NEW))
+            answer = reasoning_plain_answer(skill, query, p_right)
+            own = reasoning_trace(skill, query)
+            if not plain:  # begun with k tokens of the plain answer
+                k = rng.randint(0, len(answer))
+                start, answer = answer[:k], (own if own.startswith(answer[:k]) else answer)[k:]
+            demo = final_answer(own)
+        elif rng.random() < p_prior:
+            skill = rng.choice(list(PRIOR_SKILLS))
+            answer = demo = PRIOR_SKILLS[skill](query)  # prior skills are answered at once
+            style = rng.choice(["own", "expert"])
+        elif plain or rng.random() >= p_random:
+            skill = rng.choice(list(REASONING_PRIOR))
+            answer = reasoning_trace(skill, query)
+            demo = final_answer(answer)
+        else:
+            skill, trace = random_reasoning_skill(rng)
+            answer = trace(query)
+            demo = final_answer(answer)
+        if plain:
+            prompts.append(student_prompt(skill, query))
+        else:
+            prompts.append(teacher_prompt(skill, query, demonstration(demo, style)) + start)
+        targets.append(answer)
+    return prompts, targets
+
+
+def reasoning_signature():
+    """A fingerprint of the reasoning world, as world_signature is of the skills world's: the
+    skills, their traces and formats on a probe, and a few batches of the thinking base's
+    mixture. A thinking base is used only for the world it was made for (lab/reasoning.py)."""
+    probe = "dacbfe"
+    world = {"prior": REASONING_PRIOR, "new": REASONING_NEW, "rivals": REASONING_RIVALS,
+             "formats": [[reasoning_trace(s, probe), at_once_prompt(s, probe),
+                          teacher_prompt(s, probe, demonstration(skill_answer(s, probe), "own"))]
+                         for s in REASONING_SKILLS],
+             "mixture": [reasoning_pretrain_examples(random.Random(0), 16) for _ in range(4)]}
+    return f"{zlib.crc32(json.dumps(world, sort_keys=True).encode()):08x}"

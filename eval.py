@@ -25,6 +25,7 @@ import torch
 from data import (EOT, NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, demonstration, encode_prompts,
                   eval_queries, final_answer, knowledge_questions, parse_skills, student_prompt,
                   teacher_prompt)
+from data import REASONING_SKILLS, skill_answer
 from model import autocast, get_device, load_checkpoint
 from sdft import completion_logits, loss_mask, masked_mean, per_token_divergence, rollout, score
 
@@ -49,7 +50,7 @@ def accuracy(model, tok, skill, queries, device, demo_style=None, temperature=0.
     """Fraction of queries whose final answer is exactly right, and the wrong ones as
     (prompt, output, expected). demo_style None asks the student prompt; 'own' or
     'expert' puts a demonstration for the same query in context (the teacher's view)."""
-    fn = SKILLS[skill]
+    fn = lambda q: skill_answer(skill, q)  # a reasoning skill's: the answer its trace ends with
     if demo_style is None:
         prompts = [student_prompt(skill, q) for q in queries]
     else:
@@ -272,7 +273,7 @@ if __name__ == "__main__":
                         "the divergence per token into FILE.png")
     args = parser.parse_args()
     try:
-        skills = parse_skills(args.inspect or args.skills)
+        skills = parse_skills(args.inspect or args.skills, reasoning=not args.inspect)
         n = args.n if args.n is not None else 4 if args.inspect else 200
         if args.inspect and len(skills) != 1:
             raise ValueError("--inspect takes one skill")
@@ -342,7 +343,8 @@ if __name__ == "__main__":
             acc, mistakes = accuracy(model, tok, skill, queries, device, style, args.temperature)
             row.append(acc)
             shown += mistakes[:args.mistakes]
-        kind = "prior" if skill in PRIOR_SKILLS else "new" if skill in NEW_SKILLS else "?"
+        kind = ("prior" if skill in PRIOR_SKILLS else "new" if skill in NEW_SKILLS
+                else "think" if skill in REASONING_SKILLS else "?")
         print(f"{skill:<8} {kind:<6} {row[0]:>6.2f} {row[1]:>9.2f} {row[2]:>12.2f}")
     if shown:
         print("\nsome mistakes (prompt -> output, expected):")

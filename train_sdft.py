@@ -12,7 +12,7 @@ Each step: the student samples one answer per query (temperature 1); the teacher
 the student shown a demonstration for the same query, scores that answer; the loss is the
 per-token forward KL(teacher || student) over the full vocabulary (sdft.py has the method).
 Simplified for the toy: no completion tokens are skipped by default (the paper skips 3, but a
-toy answer is only 3 to 6 tokens long).
+toy answer is only 2 to 6 tokens long).
 
 A stage ends when the skill's validation accuracy reaches --stop-at or its step budget runs
 out (train_sft.py and train_sdft.py share the rule), on the last weights or, with --keep-best,
@@ -82,7 +82,7 @@ add("--loss", default="kl", choices=["kl", "ce"], help="kl: the divergence of --
 add("--ema-rate", type=float, default=0.01,
     help="EMA teacher update: teacher <- (1-rate) teacher + rate student")
 add("--skip", type=int, default=0, help="leave the first SKIP completion tokens out of the loss "
-    "(the paper: 3, against teacher-only openings; a toy answer is 3-6 tokens and has none)")
+    "(the paper: 3, against teacher-only openings; a toy answer is 2-6 tokens and has none)")
 add("--agreed-prefix", action="store_true", help="count only the tokens up to and including the "
     "first one that is not the teacher's most likely (not in the paper; sdft.agreed_prefix)")
 add("--max-new-tokens", type=int, default=32, help="longest student rollout")
@@ -145,7 +145,7 @@ try:
     if args.context not in CONTEXTS:  # checked here, not by argparse: one error line
         raise ValueError(f"unknown --context '{args.context}' ({', '.join(CONTEXTS)})")
     facts = knowledge_facts(args.facts, args.seed) if args.facts else None
-    skills = ["knowledge"] if facts else parse_skills(args.skills)
+    skills = ["knowledge"] if facts else parse_skills(args.skills, reasoning=True)
     device = get_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryFile(dir=args.out):  # fail now, not after loading, if OUT is read-only

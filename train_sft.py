@@ -117,7 +117,7 @@ try:
     if args.cpt and not args.facts:
         raise ValueError("--cpt trains on the facts' documents: --cpt needs --facts")
     facts = knowledge_facts(args.facts, args.seed) if args.facts else None
-    skills = ["knowledge"] if facts else parse_skills(args.skills)
+    skills = ["knowledge"] if facts else parse_skills(args.skills, reasoning=True)
     device = get_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryFile(dir=args.out):  # fail now, not after loading, if OUT is read-only
@@ -200,7 +200,8 @@ def get_batch(skill, data_rng):
     if skill == "knowledge" and args.cpt:  # continued pretraining: all of the documents' text
         prompts, targets = document_examples(data_rng, facts, micro_batch_size)
     elif skill == "knowledge":  # the facts asked directly, and their answers in --demo-style
-        prompts, targets, _ = fact_examples(data_rng, facts, micro_batch_size, None, args.demo_style)
+        prompts, targets, _ = fact_examples(data_rng, facts, micro_batch_size, None,
+                                            args.demo_style)
     else:
         prompts, targets, _ = skill_examples(data_rng, skill, micro_batch_size, args.demo_style)
     return [t.to(device) for t in sft_batch(tok, prompts, targets)]

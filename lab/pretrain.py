@@ -10,6 +10,8 @@ context, and a start of about 40% on each new skill.
     python lab/pretrain.py --p-new 0 --out runs/unseen/ckpt.pt
     # the knowledge base
     python lab/pretrain.py --p-knowledge 0.4 --steps 20000 --out runs/kb/ckpt.pt
+    # the thinking base (lab/reasoning.py): every batch of the reasoning world's mixture
+    python lab/pretrain.py --p-think 1 --steps 15000 --out runs/think/ckpt.pt
 
 benchmark.py --pretrain and the studies run it with lab/runner.BASE_SETTINGS. The loss is
 train_sft.py's: cross-entropy on the target tokens. Writes one file, at the end: the weights,
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from data import (NEW_SKILLS, Tokenizer, check_new_skills, knowledge_pretrain_examples,
                   knowledge_signature, pretrain_examples, sft_batch, world_signature)
+from data import reasoning_pretrain_examples, reasoning_signature
 from model import GPT, GPTConfig, autocast, cosine_lr, get_device
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -46,6 +49,9 @@ parser.add_argument("--p-right", type=float, default=0.4, help="share of first l
                     "new skill is answered right (data.known_letters; elsewhere as data.RIVALS)")
 parser.add_argument("--p-knowledge", type=float, default=0.0, help="share of batches of knowledge "
                     "examples (throw-away facts with their document, known facts asked plainly)")
+parser.add_argument("--p-think", type=float, default=0.0, help="share of batches of the reasoning "
+                    "world's mixture (data.reasoning_pretrain_examples: the prior skills, skills "
+                    "answered with a trace; its new skills asked as --p-new and --p-right say)")
 parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
 parser.add_argument("--n-head", type=int, default=4, help="attention heads")
 parser.add_argument("--n-embd", type=int, default=128, help="model width")
@@ -57,10 +63,10 @@ parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradi
 args = parser.parse_args()
 try:
     if not (0 <= args.p_new * len(NEW_SKILLS) <= 1 and 0 <= args.p_right <= 1
-            and 0 <= args.p_knowledge <= 1):
+            and 0 <= args.p_knowledge <= 1 and 0 <= args.p_think <= 1):
         raise ValueError(f"--p-new must be in [0, 1/{len(NEW_SKILLS)}] (one share per new skill), "
-                         f"--p-right and --p-knowledge in [0, 1], got {args.p_new}, {args.p_right} "
-                         f"and {args.p_knowledge}")
+                         f"--p-right, --p-knowledge and --p-think in [0, 1], got {args.p_new}, "
+                         f"{args.p_right}, {args.p_knowledge} and {args.p_think}")
     if min(args.steps, args.batch_size, args.lr, args.grad_clip) <= 0 or args.warmup < 0:
         raise ValueError("--steps, --batch-size, --lr and --grad-clip must be positive, "
                          "--warmup non-negative")
@@ -89,6 +95,9 @@ t_start = time.time()
 for step in range(args.steps):
     if args.p_knowledge and data_rng.random() < args.p_knowledge:  # (p 0 draws nothing)
         prompts, targets = knowledge_pretrain_examples(data_rng, args.batch_size)
+    elif args.p_think and data_rng.random() < args.p_think:  # (p 0 draws nothing)
+        prompts, targets = reasoning_pretrain_examples(data_rng, args.batch_size, p_new=args.p_new,
+                                                       p_right=args.p_right)
     else:
         prompts, targets = pretrain_examples(data_rng, args.batch_size, p_new=args.p_new,
                                              p_right=args.p_right)
@@ -116,7 +125,8 @@ for step in range(args.steps):
 # the base: weights, settings and world, written to a temporary file and renamed
 ckpt = {"model": model.state_dict(), "model_config": asdict(model.config), "args": vars(args),
         "world": world_signature(),
-        "knowledge_world": knowledge_signature() if args.p_knowledge else None}
+        "knowledge_world": knowledge_signature() if args.p_knowledge else None,
+        "reasoning_world": reasoning_signature() if args.p_think else None}
 torch.save(ckpt, args.out + ".tmp")
 os.replace(args.out + ".tmp", args.out)
 print(f"total time {time.time() - t_start:.0f}s; base {args.out}")

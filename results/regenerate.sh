@@ -42,3 +42,7 @@ python lab/studies.py all
 python lab/knowledge.py --facts 10,50
 python lab/knowledge.py --demo-style own --out results/knowledge-own
 python eval.py --ckpt results/base-knowledge/ckpt.pt --mistakes 0 > results/base-knowledge/eval.txt
+# reasoning without reasoning data (the paper's Table 2): a thinking base (made where missing, ~15 min),
+# then base, SFT and SDFT on three reasoning skills from answer-only demonstrations, 3 seeds
+python lab/reasoning.py
+python eval.py --ckpt results/base-reasoning/ckpt.pt --skills copy,rev,rotr,drop,evens,ends,flip,qam,wub,hak,jaw,bux,kaw,jug --mistakes 0 > results/base-reasoning/eval.txt
