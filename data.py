@@ -149,20 +149,26 @@ def parse_skills(text, reasoning=False):
     return names
 
 
+def random_name_and_positions(rng, taken):
+    """A throw-away skill's random name, none of `taken`, and the query positions its answer
+    reads, in a random order; at least one exists in the shortest query."""
+    while True:
+        name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
+        if name not in taken:
+            break
+    while True:
+        positions = rng.sample(range(MAX_LEN), rng.randint(1, MAX_LEN))
+        if min(positions) < MIN_LEN:
+            return name, positions
+
+
 def random_skill(rng):
     """A throw-away skill for pretraining only: a random name, then its answer picks letters
     of the query at random positions, in a random order, and writes them in one of the
     alphabets, in order or through a random table. Answers come in every length and follow
     no pattern the model could learn to recognise, so the only way to answer is to copy the
     demonstration: this is what teaches the model to use one."""
-    while True:
-        name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
-        if name not in SKILLS:
-            break
-    while True:  # positions to read, in order; at least one exists in the shortest query
-        positions = rng.sample(range(MAX_LEN), rng.randint(1, MAX_LEN))
-        if min(positions) < MIN_LEN:
-            break
+    name, positions = random_name_and_positions(rng, SKILLS)
     alphabet = rng.choice(ALPHABETS)  # in order half of the time (a->a, a->0, a->k), else shuffled
     table = dict(zip(LETTERS,
                      rng.sample(alphabet, len(alphabet)) if rng.random() < 0.5 else alphabet))
@@ -598,14 +604,8 @@ def random_reasoning_skill(rng):
     """A throw-away reasoning skill, for pretraining with a demonstration only: a random name; its
     second step picks the sorted letters at random positions, in order. Its answer can only be
     read off the demonstration, after the trace."""
-    while True:
-        name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
-        if name not in SKILLS and name not in REASONING_SKILLS:
-            break
-    while True:  # positions to read, in order; at least one exists in the shortest query
-        positions = sorted(rng.sample(range(MAX_LEN), rng.randint(1, MAX_LEN)))
-        if min(positions) < MIN_LEN:
-            break
+    name, positions = random_name_and_positions(rng, {**SKILLS, **REASONING_SKILLS})
+    positions = sorted(positions)  # read in the sorted letters' order
 
     def trace(q):
         middle = "".join(sorted(q))
