@@ -318,16 +318,23 @@ def prior_avg(accuracy):
     return sum(accuracy[s] for s in prior) / len(prior)
 
 
+def worst_prior(accuracies):
+    """The prior skill lowest on average over these accuracy records, and that average: an
+    average over seven skills can hide one that is lost."""
+    skill = min(prior, key=lambda k: statistics.mean(a[k] for a in accuracies))
+    return f"{skill} {statistics.mean(a[skill] for a in accuracies):.2f}"
+
+
 def group(order, method, lr):
     return [r for r in runs if r["order"] == order and r["method"] == method and r["lr"] == lr]
 
 
 # the table, as markdown (OUT/table.md, copied into the READMEs): mean ± sd over seeds
 rows = [f"| order | method | lr | stage | steps | {' | '.join(new)} | "
-        "prior average | kl_from_base |",
-        "|" + "---|" * (len(new) + 7),
+        "prior average | worst prior skill | kl_from_base |",
+        "|" + "---|" * (len(new) + 8),
         "| - | base | - | - | - | " + " | ".join(f"{base['accuracy'][s]:.2f}" for s in new)
-        + f" | {prior_avg(base['accuracy']):.2f} | 0 |"]
+        + f" | {prior_avg(base['accuracy']):.2f} | {worst_prior([base['accuracy']])} | 0 |"]
 for order in orders:
     for method in ("sft", "sdft"):
         for lr in lrs[method]:
@@ -337,6 +344,7 @@ for order in orders:
                             f"| {statistics.mean(s['steps'] for s in at):.0f} | "
                             + " | ".join(mean_sd([s["accuracy"][k] for s in at]) for k in new)
                             + f" | {mean_sd([prior_avg(s['accuracy']) for s in at])} "
+                              f"| {worst_prior([s['accuracy'] for s in at])} "
                               f"| {mean_sd([s['kl_from_base'] for s in at])} |")
 with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write("\n".join(rows) + "\n")
@@ -357,11 +365,13 @@ for method in ("sft", "sdft"):
         # max(..., 1e-9): a --quick base knows nothing
         kept = [prior_avg(s["accuracy"]) / max(prior_avg(base["accuracy"]), 1e-9) for s in last]
         kls = [s["kl_from_base"] for s in last]
+        low = min(((k, s["accuracy"][k]) for s in last for k in prior), key=lambda t: t[1])
         summary.append(f"  {NAMES[method]} lr {lr:g}: every learned skill >= 0.9 in "
                        f"{sum(w >= 0.9 for w in worst_new)}/{len(last)} runs (worst "
                        f"{min(worst_new):.2f}, mean {mean_new:.2f}); prior average >= 0.9 of the "
                        f"base's in {sum(k >= 0.9 for k in kept)}/{len(last)} (worst "
-                       f"{min(kept):.2f}, mean {statistics.mean(kept):.2f}); kl_from_base "
+                       f"{min(kept):.2f}, mean {statistics.mean(kept):.2f}); worst single prior "
+                       f"skill in any run {low[0]} {low[1]:.2f}; kl_from_base "
                        f"{min(kls):.2f}-{max(kls):.2f}")
     score = {lr: statistics.mean(r["stages"][-1]["val_accuracy"][k] for r in runs
                                  if r["method"] == method and r["lr"] == lr for k in r["order"])

@@ -79,9 +79,15 @@ def test_quick_run_writes_results(quick):
     # the markdown table: the base row, then one row per order, method, learning rate and stage
     table = (tmp / "out" / "table.md").read_text().splitlines()
     assert len(table) == 3 + len(orders) * 2 * len(TWO)
+    # every prior average beside its worst single skill (the base's row: its lowest prior skill)
+    base_acc = results["base"]["accuracy"]
+    worst = min(results["config"]["prior_skills"], key=lambda k: base_acc[k])
+    assert "| prior average | worst prior skill |" in table[0]
+    assert f"| {worst} {base_acc[worst]:.2f} |" in table[2]
     assert "every learned skill >= 0.9 in" in proc.stdout
     summary = (tmp / "out" / "summary.txt").read_text()
     assert summary.count("every learned skill >= 0.9 in") == 2 and summary in proc.stdout
+    assert summary.count("worst single prior skill in any run") == 2
 
 
 def test_replot_redraws_from_results(quick, tmp_path):
