@@ -1,0 +1,82 @@
+"""
+End-to-end check of lab/decomposition.py (SDFT against every kind of SFT, each on its frontier)
+with a tiny base and budget: every variant runs at every rate, each is reported at the rate with
+the best validation score, the table names each prior average's worst skill, and bad input is
+refused in one line.
+
+    python -m pytest -q tests/test_decomposition.py
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ["sft-expert", "sft-own", "sft-teacher", "offline", "sdft"]
+
+
+def decomposition(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "lab/decomposition.py", *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("decomposition")
+    r = decomposition("--quick", "--lrs", "3e-4,1e-3", "--seeds", "0", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_variant_runs_at_every_rate(quick):
+    out, results = quick
+    got = {(r["variant"], r["lr"], tuple(r["order"])) for r in results["runs"]}
+    assert got == {(v, lr, ("jab", "mug", "hub")) for v in VARIANTS for lr in (3e-4, 1e-3)}
+    for r in results["runs"]:  # every stage tested on every skill
+        assert [s["skill"] for s in r["stages"]] == ["jab", "mug", "hub"]
+        assert all(set(s["accuracy"]) == set(results["base"]) for s in r["stages"])
+    assert results["config"]["variants"]["sft-own"][1] == {"demo_style": "own"}
+    assert (out / "pareto.png").stat().st_size > 0
+
+
+def test_each_variant_is_reported_at_its_best_rate_on_validation(quick):
+    out, results = quick
+    for v in VARIANTS:
+        scores = {r["lr"]: statistics.mean(r["stages"][-1]["val_accuracy"][k]
+                                           for k in r["order"])
+                  for r in results["runs"] if r["variant"] == v}
+        assert results["config"]["chosen"][v] == max(sorted(scores), key=scores.get)
+    table = (out / "table.md").read_text()
+    assert "prior average (worst skill)" in table
+    assert table.count("| SDFT |") == 1 + 2  # at its chosen rate, then at each rate of the sweep
+
+
+def test_collapse_lines_show_the_first_stage(quick):
+    out, results = quick
+    lines = (out / "collapse.txt").read_text()
+    for label in ("SFT on the expert's demonstrations", "SDFT"):
+        assert label in lines
+    assert "copy " in lines and "expected" in lines
+    # the first stage alone repeats the sequence run's first stage (the script checks it too)
+    for r in results["after_first_stage"]:
+        seq = next(s for s in results["runs"] if s["variant"] == r["variant"]
+                   and s["lr"] == r["lr"] and s["seed"] == r["seed"])
+        assert r["stages"][0]["accuracy"] == seq["stages"][0]["accuracy"]
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--variants", "sft,bogus", "unknown variant"),
+    ("--lrs", "fast", "comma-separated"),
+    ("--lrs", "0", "positive"),
+    ("--skills", "copy", "new skills"),
+])
+def test_bad_input_is_one_line(tmp_path, flag, value, says):
+    r = decomposition(flag, value, "--out", tmp_path)
+    assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
