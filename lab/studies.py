@@ -62,6 +62,17 @@ VARIANTS = {  # name: (script, flags, label)
     "dft": (SFT[0], SFT[1] | {"dft": True}, "DFT"),
     "sft+reinvoke": (None, None, "SFT + re-invoke (two stages; sees prior-skill prompts; kl_from_base: after SFT)"),
 }
+# The baselines' rate sweeps (Table 5: "each method was tuned"): DFT's rate, and re-invoke's
+# (after SFT at SFT's rate), each chosen on validation. The sweep's 3e-4 points are "dft" and
+# "sft+reinvoke" themselves, the variants every other study knows.
+SWEEP = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
+SWEPT = {"dft": {}, "sft+reinvoke": {}}  # variant -> {rate: the variant at that rate}
+for _lr in SWEEP:
+    for _v, _script, _settings, _label in (("dft", SFT[0], {"lr": _lr, "dft": True}, "DFT"),
+                                           ("sft+reinvoke", None, {"lr": _lr}, "SFT + re-invoke")):
+        SWEPT[_v][_lr] = _v if _lr == LR["sft"] else f"{_v}-lr{_lr:g}"
+        if _lr != LR["sft"]:
+            VARIANTS[SWEPT[_v][_lr]] = (_script, _settings, f"{_label}, lr {_lr:g}")
 PAPER = {  # the paper's number for each variant, where it gives one (PAPER.md)
     "onpolicy": {"sdft": "~70", "offline-kl": "~64", "offline-ce": "~62", "sft": "below both"},
     "teacher": {"teacher-ema": "~70", "teacher-base": "~66, stable", "teacher-live": "peaks ~52, collapses"},
@@ -82,7 +93,6 @@ STUDY_VARIANTS = {
     "onpolicy": ["sdft", "offline-kl", "offline-kl-sft-rate", "offline-ce", "offline-ce-sdft-rate", "sft"],
     "teacher": ["teacher-ema", "teacher-base", "teacher-live", "teacher-ema-sft-rate", "teacher-base-sft-rate", "teacher-live-sft-rate"],
     "divergence": ["sdft", "reverse-kl", "jsd", "skip1", "skip3", "agreed-prefix"],
-    "baselines": ["sft", "dft", "sft+reinvoke", "sdft"],
 }
 # Re-invoke: steps per prior skill, distilled from the base in turn (7 skills: up to 280 steps), at
 # SFT's rate: at SDFT's it restored little (prior average 0.12-0.21 after SFT on a skill, in the previous world).
@@ -118,6 +128,7 @@ if args.quick:
     FINETUNE, REINVOKE_STEPS = {"steps": 4, "eval_n": 4, "eval_every": 2}, 2
     base_settings = BASE_SETTINGS | {"steps": 100, "n_layer": 1, "n_head": 2, "n_embd": 32}
     SIZES = [(1, 2, 16), (1, 2, 32)]
+    SWEEP = SWEEP[-2:]  # two rates of each baseline's sweep
 prior = list(PRIOR_SKILLS)
 device = torch.device("cpu")
 tok = Tokenizer()
@@ -169,21 +180,24 @@ def run(variant, skill, seed, base=None):
     tag = "" if base == get_base() else "-" + os.path.basename(base)[5:-3]  # another size
     name = f"{variant}-{skill}-seed{seed}{tag}"
     out = os.path.join(args.out, "runs", name)
-    if variant == "sft+reinvoke":  # SFT on the skill, then on-policy distillation from the base on the prior skills
+    reinvoke = variant.startswith("sft+reinvoke")
+    if reinvoke:  # SFT on the skill, then on-policy distillation from the base on the prior skills
         sft = run("sft", skill, seed, base)
+        lr = (VARIANTS[variant][1] or {}).get("lr", REINVOKE_LR)
         command = ["train_sdft.py", "--init", os.path.join(sft["out"], "ckpt.pt"), "--teacher", "base",
                    "--teacher-ckpt", base, "--teacher-sees", "query", "--skills", ",".join(prior), "--seed", str(seed),
-                   "--lr", str(REINVOKE_LR), *flags(FINETUNE | {"steps": REINVOKE_STEPS}), "--out", out]
+                   "--lr", str(lr), *flags(FINETUNE | {"steps": REINVOKE_STEPS}), "--out", out]
     else:
         script, settings, _ = VARIANTS[variant]
         command = [script, "--init", base, "--skills", skill, "--seed", str(seed), *flags(FINETUNE | settings), "--out", out]
     run_once(command, out, on_line=lambda line: progress(name, line))
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     stages = [r for r in records if "accuracy" in r]
-    result = {"out": out, "accuracy": stages[-1]["accuracy"], "steps": sum(r["steps"] for r in stages),
+    result = {"out": out, "accuracy": stages[-1]["accuracy"], "val_accuracy": stages[-1]["val_accuracy"],
+              "steps": sum(r["steps"] for r in stages),
               "kl_from_base": stages[0]["kl_from_base"], "curve": [[r["step"], r["val_acc"]] for r in records
                                                                   if "val_acc" in r and r["stage"] == 0]}
-    if variant == "sft+reinvoke":
+    if reinvoke:
         result["steps"] += sft["steps"]
         result["kl_from_base"] = sft["kl_from_base"]  # on the skill, after SFT (re-invoke's KLs are on prior skills)
     with lock:
@@ -210,7 +224,8 @@ def record(study, variant, skill, seed, result, base_acc, **extra):
     return {"study": study, "variant": variant, "seed": seed, "skill": skill,
             "new_accuracy": {skill: result["accuracy"][skill]}, "prior_average": prior_avg(result["accuracy"]),
             "prior_drop": prior_avg(base_acc) - prior_avg(result["accuracy"]), "kl_from_base": result["kl_from_base"],
-            "steps": result["steps"], "accuracy": result["accuracy"], "curve": result["curve"], **extra}
+            "steps": result["steps"], "accuracy": result["accuracy"], "val_accuracy": result["val_accuracy"],
+            "curve": result["curve"], **extra}
 
 
 def run_all(study, variants, base=None, **extra):
@@ -220,8 +235,9 @@ def run_all(study, variants, base=None, **extra):
     jobs = [(v, s, seed) for v in variants for s in skills for seed in seeds]
     print(f"{study}: {len(jobs)} runs ({', '.join(variants)}) from {base}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        if "sft+reinvoke" in variants:  # its SFT runs first, so that no two threads make the same run
-            list(pool.map(lambda job: run("sft", *job[1:], base), jobs))
+        # re-invoke's SFT runs first, each once, so that no two threads make the same run
+        sft_first = sorted({(s, seed) for v, s, seed in jobs if v.startswith("sft+reinvoke")})
+        list(pool.map(lambda job: run("sft", *job, base), sft_first))
         results = list(pool.map(lambda job: run(*job, base), jobs))
     return [record(study, v, s, seed, r, base_acc, **extra) for (v, s, seed), r in zip(jobs, results)]
 
@@ -239,18 +255,26 @@ def base_accuracy(base):
 # -----------------------------------------------------------------------------
 # tables and plots
 
+def worst_prior(rs):
+    """The prior skill lowest on average over these runs, and that average ('flip 0.85')."""
+    k = min(prior, key=lambda k: statistics.mean(r["accuracy"][k] for r in rs))
+    return f"{k} {statistics.mean(r['accuracy'][k] for r in rs):.2f}"
+
+
 def variant_table(study, records, variants, extra_columns=()):
-    """| variant | each skill | new mean | prior average | kl_from_base | steps | paper |, mean ± sd over seeds."""
-    rows = [f"| variant | {' | '.join(skills)} | new, mean | prior average | kl_from_base | steps |"
-            + "".join(f" {c} |" for c, _ in extra_columns) + " paper |",
-            "|" + "---|" * (len(skills) + 6 + len(extra_columns))]
+    """| variant | each skill | new mean | prior average | worst prior skill | kl_from_base | steps |
+    paper |, mean ± sd over seeds."""
+    rows = [f"| variant | {' | '.join(skills)} | new, mean | prior average | worst prior skill | kl_from_base "
+            "| steps |" + "".join(f" {c} |" for c, _ in extra_columns) + " paper |",
+            "|" + "---|" * (len(skills) + 7 + len(extra_columns))]
     for v in variants:
         rs = [r for r in records if r["variant"] == v]
         per_skill = [mean_sd([r["new_accuracy"][s] for r in rs if r["skill"] == s]) for s in skills]
         rows.append(f"| {VARIANTS[v][2]} | {' | '.join(per_skill)} | {mean_sd([list(r['new_accuracy'].values())[0] for r in rs])} "
-                    f"| {mean_sd([r['prior_average'] for r in rs])} | {mean_sd([r['kl_from_base'] for r in rs])} "
+                    f"| {mean_sd([r['prior_average'] for r in rs])} | {worst_prior(rs)} "
+                    f"| {mean_sd([r['kl_from_base'] for r in rs])} "
                     f"| {statistics.mean(r['steps'] for r in rs):.0f} |" + "".join(f" {fn(rs)} |" for _, fn in extra_columns)
-                    + f" {PAPER.get(study, {}).get(v, '')} |")
+                    + f" {PAPER.get(study, {}).get(v.split('-lr')[0], '')} |")
     return rows
 
 
@@ -306,6 +330,32 @@ def variant_study(study):
         bars(ax, records, variants)
         return fig
     write(study, records, variant_table(study, records, variants), draw)
+    return records
+
+
+def baselines_study():
+    """Table 5: SFT, DFT, SFT + re-invoke and SDFT. DFT and re-invoke each at the rate of its sweep
+    with the best validation accuracy of the new skill at the end (mean over skills and seeds; a
+    tie: the lower rate), as the paper reports each method's best validation score; then every
+    rate of both sweeps."""
+    swept = [SWEPT[m][lr] for m in SWEPT for lr in SWEEP]
+    records = run_all("baselines", ["sft", "sdft"] + swept)
+    score = {v: statistics.mean(r["val_accuracy"][r["skill"]] for r in records if r["variant"] == v)
+             for v in swept}
+    chosen = {m: max((SWEPT[m][lr] for lr in SWEEP), key=score.get) for m in SWEPT}  # the first
+    main = ["sft", chosen["dft"], chosen["sft+reinvoke"], "sdft"]
+    rows = variant_table("baselines", records, main)
+    rows += ["", "Every rate of each sweep (val: the new skill's validation accuracy at the end, which "
+             "chooses the rate):", ""]
+    rate = {v: lr for m in SWEPT for lr, v in SWEPT[m].items()}
+    rows += variant_table("baselines", records, swept, [("lr", lambda rs: f"{rate[rs[0]['variant']]:g}"),
+                                                        ("val", lambda rs: f"{score[rs[0]['variant']]:.3f}")])
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(8, 1 + 0.6 * len(main)))
+        bars(ax, records, main)
+        return fig
+    write("baselines", records, rows, draw, {"sweep": SWEEP, "chosen": chosen, "val_scores": score})
     return records
 
 
@@ -422,7 +472,9 @@ def law_study():
     """Does how far a method moved on the new skill (kl_from_base) predict the prior-skill drop?
     One point per single-skill run of every study's variants (both measured from the base after
     learning one skill), a least-squares line and its R^2 per method and pooled."""
-    variants = [v for v in VARIANTS if v != "sft+reinvoke"]  # its last KL is measured on a prior skill
+    # not re-invoke (its last KL is measured on a prior skill), nor the other rates of the sweeps
+    other_rates = {v for m in SWEPT for v in SWEPT[m].values() if v != m}
+    variants = [v for v in VARIANTS if v != "sft+reinvoke" and v not in other_rates]
     records = run_all("law", variants)
 
     def fit(points):
@@ -485,8 +537,8 @@ def inside_study():
 
 
 for study in (STUDIES if args.study == "all" else [args.study]):
-    if study in ("onpolicy", "divergence", "baselines"):
+    if study in ("onpolicy", "divergence"):
         variant_study(study)
     else:
-        {"teacher": teacher_study, "size": size_study, "passk": passk_study, "law": law_study, "inside": inside_study}[study]()
+        {"baselines": baselines_study, "teacher": teacher_study, "size": size_study, "passk": passk_study, "law": law_study, "inside": inside_study}[study]()
 print(f"total time {clock(time.time() - t_start)}")

@@ -118,3 +118,18 @@ def test_one_recipe_the_scripts_defaults_are_the_chosen_rates():
         source = (ROOT / f"train_{method}.py").read_text()
         default = re.search(r'add\("--lr", type=float, default=([0-9.e+-]+)', source)
         assert default and float(default.group(1)) == LR[method], method
+
+
+def test_baselines_sweep_every_rate_and_choose_on_validation(quick):
+    """DFT and re-invoke run at each rate of their sweeps (two with --quick), and the rate shown in
+    the main table is the one with the best validation accuracy of the new skill."""
+    out, _ = quick
+    results = json.loads((out / "baselines" / "results.json").read_text())
+    runs, config = results["runs"], results["config"]
+    assert {"dft", "dft-lr0.001", "sft+reinvoke", "sft+reinvoke-lr0.001"} <= {r["variant"] for r in runs}
+    for method, chosen in config["chosen"].items():
+        scores = {v: sum(r["val_accuracy"][r["skill"]] for r in runs if r["variant"] == v)
+                  / sum(r["variant"] == v for r in runs)
+                  for v in config["val_scores"] if v.split("-lr")[0] == method}
+        assert len(scores) == 2 and scores == {v: config["val_scores"][v] for v in scores}
+        assert scores[chosen] == max(scores.values())
