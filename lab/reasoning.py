@@ -154,12 +154,13 @@ def main():
 
     # the base: with its trace, at once, and as the teacher sees it
     model = load_checkpoint(args.base, device)[0].eval()
-    prior = prior_average(evaluate(model, tok, list(PRIOR_SKILLS), device, n=n))
+    prior_accuracy = evaluate(model, tok, list(PRIOR_SKILLS), device, n=n)
+    prior = prior_average(prior_accuracy)
     base_views = {s: {view: measure(model, tok, s, test, device, view)
                       for view in ("plain", "at_once", "teacher")}
                   for s in list(REASONING_PRIOR) + skills}
     records = [{"method": "base", "seed": 0, "skill": s, **base_views[s]["plain"],
-                "prior_average": prior, "lr": None, "val_accuracy":
+                "prior_average": prior, "prior": prior_accuracy, "lr": None, "val_accuracy":
                 measure(model, tok, s, val, device)["accuracy"], "chosen": True, "steps": 0}
                for s in skills]
 
@@ -176,7 +177,8 @@ def main():
         trained = load_checkpoint(os.path.join(out, "ckpt.pt"), device)[0].eval()
         return {"method": method, "seed": seed, "skill": skill,
                 **measure(trained, tok, skill, test, device),
-                "prior_average": prior_average(stage["accuracy"]), "lr": lr,
+                "prior_average": prior_average(stage["accuracy"]),
+                "prior": {k: stage["accuracy"][k] for k in PRIOR_SKILLS}, "lr": lr,
                 "val_accuracy": measure(trained, tok, skill, val, device)["accuracy"],
                 "steps": stage["steps"]}
 
@@ -225,7 +227,8 @@ def table(records, base_views, sweep, chosen, skills, seeds):
             "skill learned alone from answer-only demonstrations; test queries, greedy; mean ± sd "
             f"over seeds {','.join(map(str, seeds))} of the mean over {', '.join(skills)}.", "",
             "| method | rate | steps | accuracy | trace_rate | mean_tokens | prior_average "
-            "| the paper: accuracy, tokens per answer |", "|---|---|---|---|---|---|---|---|"]
+            "| worst prior skill | the paper: accuracy, tokens per answer |",
+            "|---|---|---|---|---|---|---|---|---|"]
     means = {}
     for m in METHODS:
         cells = []
@@ -236,6 +239,9 @@ def table(records, base_views, sweep, chosen, skills, seeds):
                          else f"{means[m, key]:.1f}" + (f" ± {statistics.stdev(values):.1f}"
                                                          if len(values) > 1 else ""))
         rate = "-" if m == "base" else f"{chosen[m]:g}"
+        rs = [r for r in records if r["method"] == m and r["chosen"]]
+        worst = min(PRIOR_SKILLS, key=lambda k: statistics.mean(r["prior"][k] for r in rs))
+        cells.append(f"{worst} {statistics.mean(r['prior'][worst] for r in rs):.2f}")
         steps = f"{statistics.mean(per_seed(records, m, 'steps', seeds)):.0f}"
         rows.append(f"| {LABELS[m]} | {rate} | {steps} | {' | '.join(cells)} "
                     f"| {PAPER[m][0]}%, {PAPER[m][1]} |")

@@ -148,6 +148,8 @@ def test_driver_writes_one_record_per_run(quick):
         assert r["skill"] == "bux" and r["seed"] == 0 and r["chosen"]
         assert {"accuracy", "trace_rate", "mean_tokens", "prior_average"} <= set(r)
         assert all(0 <= r[k] <= 1 for k in ("accuracy", "trace_rate", "prior_average"))
+        assert set(r["prior"]) == set(PRIOR_SKILLS)  # each prior skill, for the worst one
+        assert abs(sum(r["prior"].values()) / len(r["prior"]) - r["prior_average"]) < 1e-9
     config = results["config"]
     assert config["reasoning_world"] == data.reasoning_signature() and config["quick"]
     assert config["rates"] == {"sft": [3e-4], "sdft": [3e-5]}
