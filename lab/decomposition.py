@@ -2,7 +2,7 @@
 What drives the toy's win? SDFT against every kind of SFT, each on its frontier (the paper's
 Fig. 4 in miniature, with Fig. 6's offline variants), learning the headline's skills in turn.
 
-    python lab/decomposition.py               # 5 variants x 5 rates x 3 seeds, the default order
+    python lab/decomposition.py               # 6 variants x 5 rates x 3 seeds, the default order
     python lab/decomposition.py --orders all  # and then every other order, at the chosen rates
     python lab/decomposition.py --quick       # a tiny model and budget: checks the pipeline
 
@@ -11,6 +11,8 @@ the same step budget per skill (1000: enough for SFT on the expert's traces to l
 stopping rule (0.95 on validation) and at every rate of the same sweep:
 
   sft-expert   SFT on the expert's demonstrations: the paper's SFT, the headline's
+  dft          DFT on the expert's demonstrations (Wu et al. 2025): each token's loss weighted
+               by its probability, detached (a baseline of the paper's Table 5)
   sft-own      SFT on demonstrations in the model's own style: a control, not a method (writing
                such demonstrations is the teacher's job; a user of SFT has only the expert's)
   sft-teacher  SFT on the teacher's samples: the frozen base, shown the expert's demonstration,
@@ -45,12 +47,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from data import NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, eval_queries, student_prompt
 from data import parse_skills, skill_answer
 from eval import answer, evaluate
-from lab.runner import (BASE_SETTINGS, check_base, clock, every, flags, mean_sd, pretrain_base,
-                        run_once)
+from lab.runner import BASE_SETTINGS, clock, ensure_base, every, flags, mean_sd, run_once
 from model import load_checkpoint
 
 VARIANTS = {  # name: (script, flags, label)
     "sft-expert": ("train_sft.py", {"demo_style": "expert"}, "SFT on the expert's demonstrations"),
+    "dft": ("train_sft.py", {"dft": True}, "DFT on the expert's demonstrations (a baseline)"),
     "sft-own": ("train_sft.py", {"demo_style": "own"}, "SFT on own-style demonstrations (control)"),
     "sft-teacher": ("train_sdft.py", {"rollout": "teacher", "teacher": "base", "loss": "ce"},
                     "SFT on the teacher's samples"),
@@ -58,7 +60,7 @@ VARIANTS = {  # name: (script, flags, label)
                 "offline distillation (KL on the teacher's samples)"),
     "sdft": ("train_sdft.py", {}, "SDFT"),
 }
-COLORS = {"sft-expert": "tab:red", "sft-own": "tab:orange", "sft-teacher": "tab:purple",
+COLORS = {"sft-expert": "tab:red", "dft": "tab:brown", "sft-own": "tab:orange", "sft-teacher": "tab:purple",
           "offline": "tab:green", "sdft": "tab:blue"}
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -105,21 +107,15 @@ except OSError as e:
 FINETUNE = {"steps": args.steps, "eval_n": 100, "stop_at": 0.95}
 base_settings, base = BASE_SETTINGS, "results/base/ckpt.pt"
 if args.quick:
-    FINETUNE = {"steps": min(args.steps, 4), "eval_n": 4, "stop_at": 0.95, "eval_every": 2}
-    base_settings = BASE_SETTINGS | {"steps": 100, "n_layer": 1, "n_head": 2, "n_embd": 32}
+    FINETUNE = {"steps": min(args.steps, 2), "eval_n": 4, "stop_at": 0.95, "eval_every": 1}
+    base_settings = BASE_SETTINGS | {"steps": 20, "n_layer": 1, "n_head": 2, "n_embd": 32}
     base = os.path.join(args.out, "base.pt")
 prior = list(PRIOR_SKILLS)
 device = torch.device("cpu")
 tok = Tokenizer()
 t_start = time.time()
 
-if os.path.exists(base):
-    why_not = check_base(load_checkpoint(base)[1], base_settings)
-    if why_not:
-        sys.exit(f"error: {base} is not the base for this study: {why_not}")
-else:
-    print(f"pretraining {base} ({base_settings['steps']} steps)", flush=True)
-    pretrain_base(base, base_settings)
+ensure_base(base, base_settings)
 base_acc = evaluate(load_checkpoint(base, device)[0], tok, prior + list(NEW_SKILLS), device,
                     n=FINETUNE["eval_n"])
 
@@ -290,22 +286,32 @@ import matplotlib  # noqa: E402  (imported late: only the plot needs it)
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
-fig, ax = plt.subplots(figsize=(8.5, 5))
-for v in variants:  # each variant's frontier: one point per rate, joined in order of rate
-    xy = [point(group(v, lr))[:2] for lr in lrs]
-    ax.plot(*zip(*xy), marker="o", color=COLORS[v], label=VARIANTS[v][2], alpha=0.8)
-    ax.scatter(*point(group(v, chosen[v]))[:2], s=160, marker="*", color=COLORS[v], zorder=3)
-    for lr, (x, y) in zip(lrs, xy):
-        ax.annotate(f"{lr:g}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7,
-                    color=COLORS[v])
-ax.set_xlabel(f"new skills, mean test accuracy after {','.join(skills)}")
-ax.set_ylabel("prior-skill average, of the base's")
-ax.set_title(f"every variant at every rate ({len(seeds)} seeds; star: chosen on validation)",
+MARKERS = {"sft-expert": "o", "dft": "v", "sft-own": "s", "sft-teacher": "^", "offline": "D", "sdft": "o"}
+fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+for ax, zoom in zip(axes, (False, True)):  # every point, then the corner where most of them are
+    for i, v in enumerate(variants):  # each variant's frontier: one point per rate, in rate order
+        xy = [point(group(v, lr))[:2] for lr in lrs]
+        ax.plot(*zip(*xy), marker=MARKERS[v], color=COLORS[v], label=VARIANTS[v][2], alpha=0.7,
+                markerfacecolor="none" if v != "sdft" else COLORS[v])
+        ax.scatter(*point(group(v, chosen[v]))[:2], s=220, marker="*", color=COLORS[v], zorder=3,
+                   alpha=0.6)
+        for j, (lr, (x, y)) in enumerate(zip(lrs, xy)):  # labels apart where points meet:
+            if zoom or v == "sft-expert":  # by variant in the corner, by rate elsewhere
+                ax.annotate(f"{lr:g}", (x, y), textcoords="offset points", fontsize=6,
+                            xytext=(6, 10 - 6 * i) if zoom else (6, 30 - 8 * j), color=COLORS[v])
+    ax.set_xlabel(f"new skills, mean test accuracy after {','.join(skills)}")
+    ax.set_ylabel("prior-skill average, of the base's")
+if not args.quick:
+    axes[1].set_xlim(0.82, 1.01)
+    axes[1].set_ylim(0.4, 1.02)
+axes[0].set_xlim(-0.05, 1.05)
+axes[0].set_ylim(-0.05, 1.1)
+axes[0].set_title("every variant at every rate", fontsize=10)
+axes[1].set_title("the top right corner, enlarged", fontsize=10)
+fig.suptitle(f"After the sequence, {len(seeds)} seeds; a star: the rate chosen on validation",
              fontsize=10)
-ax.set_xlim(-0.05, 1.05)
-ax.set_ylim(-0.05, 1.1)
-ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the data
-fig.tight_layout()
+fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=3)
+fig.tight_layout(rect=(0, 0.1, 1, 1))  # room for the legend below
 fig.savefig(os.path.join(args.out, "pareto.png"), dpi=120)
 plt.close("all")
 

@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from data import CONTEXTS, MAX_FACTS, PRIOR_SKILLS, Tokenizer, knowledge_facts
 from eval import evaluate, knowledge_accuracy
-from lab.runner import BASE_SETTINGS, check_base, clock, every, flags, mean_sd, pretrain_base, run_once
+from lab.runner import BASE_SETTINGS, clock, ensure_base, every, flags, mean_sd, run_once
 from model import load_checkpoint
 
 # The knowledge base: the skills base's recipe, with 40% of the batches knowledge examples and
@@ -112,14 +112,7 @@ t_start = time.time()
 
 def get_base():
     """The knowledge base, pretrained first if it is missing; a checkpoint made otherwise is refused."""
-    if os.path.exists(args.base):
-        why_not = check_base(load_checkpoint(args.base)[1], base_settings)
-        if why_not:
-            sys.exit(f"error: {args.base} is not the knowledge base: {why_not}")
-    else:
-        print(f"pretraining {args.base} ({base_settings['steps']} steps)", flush=True)
-        pretrain_base(args.base, base_settings, on_line=every())
-    return args.base
+    return ensure_base(args.base, base_settings, on_line=every())
 
 
 def prior_average(accuracy):

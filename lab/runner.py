@@ -13,6 +13,7 @@ import sys
 import time
 
 from data import knowledge_signature, world_signature
+from model import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts run from the root
 
@@ -94,6 +95,20 @@ def pretrain_base(path, settings, on_line=None):
     """Pretrain a base at path with lab/pretrain.py and the settings (it writes the weights, the
     settings and the toy world, all at once at the end: never a half-written base)."""
     run_script("lab/pretrain.py", *flags(settings), "--out", path, on_line=on_line)
+
+
+def ensure_base(path, settings, on_line=None):
+    """The base at path: checked to be one made with these settings for this world, or
+    pretrained there first where there is none. Exits with one line, and replaces nothing, where
+    path holds another checkpoint."""
+    if os.path.exists(path):
+        why_not = check_base(load_checkpoint(path)[1], settings)
+        if why_not:
+            sys.exit(f"error: {path} is not a base made with these settings: {why_not}")
+    else:
+        print(f"pretraining {path} ({settings['steps']} steps)", flush=True)
+        pretrain_base(path, settings, on_line=on_line)
+    return path
 
 
 def check_base(ckpt, settings):

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from data import NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, eval_queries, parse_skills
 from eval import evaluate, inspect_step, pass_at_k, plot_inspect
-from lab.runner import BASE_SETTINGS, LR, check_base, clock, every, flags, mean_sd, pretrain_base, run_once
+from lab.runner import BASE_SETTINGS, LR, clock, ensure_base, every, flags, mean_sd, run_once
 from model import load_checkpoint
 
 STUDIES = ["onpolicy", "teacher", "divergence", "baselines", "size", "passk", "law", "inside"]
@@ -160,13 +160,7 @@ def get_base(size=None):
         if path in checked:
             return path
         checked.add(path)
-        if os.path.exists(path):
-            why_not = check_base(load_checkpoint(path)[1], settings)
-            if why_not:
-                sys.exit(f"error: {path} is not a base for these studies: {why_not}")
-        else:
-            print(f"pretraining {path} ({settings['steps']} steps)", flush=True)
-            pretrain_base(path, settings, on_line=every())
+        ensure_base(path, settings, on_line=every())
     return path
 
 

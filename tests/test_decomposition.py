@@ -1,12 +1,13 @@
 """
 End-to-end check of lab/decomposition.py (SDFT against every kind of SFT, each on its frontier)
-with a tiny base and budget: every variant runs at every rate, each is reported at the rate with
-the best validation score, the table names each prior average's worst skill, and bad input is
-refused in one line.
+with a tiny base and budget: two variants run at every rate (every variant's flags are checked
+against its script), each is reported at the rate with the best validation score, the table
+names each prior average's worst skill, and bad input is refused in one line.
 
     python -m pytest -q tests/test_decomposition.py
 """
 
+import ast
 import json
 import os
 import statistics
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["sft-expert", "sft-own", "sft-teacher", "offline", "sdft"]
+VARIANTS = ["sft-expert", "sdft"]  # run end to end; every variant's flags: checked below
 
 
 def decomposition(*args):
@@ -29,7 +30,8 @@ def decomposition(*args):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("decomposition")
-    r = decomposition("--quick", "--lrs", "3e-4,1e-3", "--seeds", "0", "--out", out)
+    r = decomposition("--quick", "--variants", ",".join(VARIANTS), "--lrs", "3e-4,1e-3", "--seeds",
+                      "0", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     return out, json.loads((out / "results.json").read_text())
 
@@ -41,8 +43,22 @@ def test_every_variant_runs_at_every_rate(quick):
     for r in results["runs"]:  # every stage tested on every skill
         assert [s["skill"] for s in r["stages"]] == ["jab", "mug", "hub"]
         assert all(set(s["accuracy"]) == set(results["base"]) for s in r["stages"])
-    assert results["config"]["variants"]["sft-own"][1] == {"demo_style": "own"}
+    assert results["config"]["variants"]["sft-expert"] == ["train_sft.py", {"demo_style": "expert"}]
     assert (out / "pareto.png").stat().st_size > 0
+
+
+def test_every_variant_is_its_script_with_flags_it_takes():
+    """Every variant names a training script and only flags that script defines, so a variant
+    not run above still runs as written."""
+    tree = ast.parse((ROOT / "lab" / "decomposition.py").read_text())
+    table = next(n.value for n in tree.body if isinstance(n, ast.Assign)
+                 and getattr(n.targets[0], "id", "") == "VARIANTS")
+    variants = ast.literal_eval(table)
+    assert set(VARIANTS) < set(variants) and len(variants) == 6
+    for name, (script, settings, label) in variants.items():
+        source = (ROOT / script).read_text()
+        for key in settings:
+            assert f'add("--{key.replace("_", "-")}"' in source, (name, key)
 
 
 def test_each_variant_is_reported_at_its_best_rate_on_validation(quick):
@@ -62,6 +78,7 @@ def test_collapse_lines_show_the_first_stage(quick):
     lines = (out / "collapse.txt").read_text()
     for label in ("SFT on the expert's demonstrations", "SDFT"):
         assert label in lines
+    assert "own-style" not in lines  # the collapse lines show only the variants that ran
     assert "copy " in lines and "expected" in lines
     # the first stage alone repeats the sequence run's first stage (the script checks it too)
     for r in results["after_first_stage"]:
@@ -70,13 +87,21 @@ def test_collapse_lines_show_the_first_stage(quick):
         assert r["stages"][0]["accuracy"] == seq["stages"][0]["accuracy"]
 
 
-@pytest.mark.parametrize("flag, value, says", [
-    ("--variants", "sft,bogus", "unknown variant"),
-    ("--lrs", "fast", "comma-separated"),
-    ("--lrs", "0", "positive"),
-    ("--skills", "copy", "new skills"),
-])
-def test_bad_input_is_one_line(tmp_path, flag, value, says):
-    r = decomposition(flag, value, "--out", tmp_path)
-    assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+BAD_INPUTS = [("--variants", "sft,bogus", "unknown variant"), ("--lrs", "fast", "comma-separated"),
+              ("--lrs", "0", "positive"), ("--skills", "copy", "new skills")]
+
+
+def test_bad_input_is_one_line_and_loses_nothing(quick):
+    """Each bad flag, side by side (each is mostly importing torch), into the quick run's OUT:
+    one error line, no traceback, and its results.json as it was."""
+    out, _ = quick
+    before = (out / "results.json").read_bytes()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "lab/decomposition.py", flag, value, "--out", out],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for flag, value, _ in BAD_INPUTS]
+    for (flag, value, says), proc in zip(BAD_INPUTS, procs):
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and says in stderr and "Traceback" not in stderr, (flag, value)
+        assert len(stderr.strip().splitlines()) == 1, stderr
+    assert (out / "results.json").read_bytes() == before
