@@ -31,6 +31,9 @@ python benchmark.py --orders all --seeds 0,1,2 --agreed-prefix --out results/ord
 # the longer sequence: five new skills, in one order and in its reverse
 python benchmark.py --skills jab,mug,hub,zag,max --seeds 0,1,2 --out results/long
 python benchmark.py --skills max,zag,hub,mug,jab --seeds 0,1,2 --out results/long-reverse
+# what drives the win: SDFT against SFT and DFT on expert, SFT on own-style and teacher-sampled demonstrations, offline
+# distillation, each at 5 rates (chosen on validation), 1000 steps per skill, 3 seeds, every order
+python lab/decomposition.py --orders all
 # controls: demonstrations in the model's own style; a base that never met the new skills
 python benchmark.py --demo-style own --seeds 0,1,2 --out results/own
 python benchmark.py --p-new 0 --base results/base-unseen/ckpt.pt --seeds 0,1,2 --out results/unseen
