@@ -47,7 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from data import NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, eval_queries, student_prompt
 from data import parse_skills, skill_answer
 from eval import answer, evaluate
-from lab.runner import BASE_SETTINGS, clock, ensure_base, every, flags, mean_sd, run_once
+from lab.runner import (BASE_SETTINGS, clock, ensure_base, every, flags, mean_sd, run_once,
+                        worst_skill)
 from model import load_checkpoint
 
 VARIANTS = {  # name: (script, flags, label)
@@ -60,8 +61,8 @@ VARIANTS = {  # name: (script, flags, label)
                 "offline distillation (KL on the teacher's samples)"),
     "sdft": ("train_sdft.py", {}, "SDFT"),
 }
-COLORS = {"sft-expert": "tab:red", "dft": "tab:brown", "sft-own": "tab:orange", "sft-teacher": "tab:purple",
-          "offline": "tab:green", "sdft": "tab:blue"}
+COLORS = {"sft-expert": "tab:red", "dft": "tab:brown", "sft-own": "tab:orange",
+          "sft-teacher": "tab:purple", "offline": "tab:green", "sdft": "tab:blue"}
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,8 +186,7 @@ def point(rs):
     last = [r["stages"][-1]["accuracy"] for r in rs]
     new = statistics.mean(a[k] for a in last for k in rs[0]["order"])
     kept = statistics.mean(prior_avg(a) for a in last) / max(prior_avg(base_acc), 1e-9)
-    worst = min(prior, key=lambda k: statistics.mean(a[k] for a in last))
-    return new, kept, worst, statistics.mean(a[worst] for a in last)
+    return (new, kept, *worst_skill(last, prior))
 
 
 def row(variant, lr, order):
@@ -248,7 +248,7 @@ for r in after_first:
     if r["stages"][0]["accuracy"] != seq:
         sys.exit(f"error: {r['variant']} on {first[0]} alone does not repeat the sequence's first "
                  "stage; the collapse lines would not show the runs of the table")
-queries = {k: eval_queries("test", 2, seed=1) for k in prior}
+queries = eval_queries("test", 2, seed=1)  # the same two test queries for every prior skill
 lines = [f"What each model writes (greedy) on prior-skill test prompts after learning "
          f"{first[0]} alone, seed {seeds[0]}, at its chosen rate: the first stage of its run in "
          "table.md (the same accuracies, checked). The grader reads the text after the last "
@@ -259,8 +259,8 @@ for r in after_first:
                             device)[0]
     lines.append(f"{VARIANTS[r['variant']][2]}, lr {r['lr']:g} (prior average after the stage "
                  f"{prior_avg(r['stages'][0]['accuracy']):.2f}):")
-    prompts = [student_prompt(k, q) for k in prior for q in queries[k]]
-    expected = [skill_answer(k, q) for k in prior for q in queries[k]]
+    prompts = [student_prompt(k, q) for k in prior for q in queries]
+    expected = [skill_answer(k, q) for k in prior for q in queries]
     for p, out, want in zip(prompts, answer(model, tok, prompts, device), expected):
         lines.append(f"  {p:<12} -> {out!r:<24} expected {want!r}")
     lines.append("")
@@ -286,7 +286,8 @@ import matplotlib  # noqa: E402  (imported late: only the plot needs it)
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
-MARKERS = {"sft-expert": "o", "dft": "v", "sft-own": "s", "sft-teacher": "^", "offline": "D", "sdft": "o"}
+MARKERS = {"sft-expert": "o", "dft": "v", "sft-own": "s", "sft-teacher": "^", "offline": "D",
+           "sdft": "o"}
 fig, axes = plt.subplots(1, 2, figsize=(12, 5))
 for ax, zoom in zip(axes, (False, True)):  # every point, then the corner where most of them are
     for i, v in enumerate(variants):  # each variant's frontier: one point per rate, in rate order

@@ -45,7 +45,7 @@ from data import (PRIOR_SKILLS, REASONING_NEW, REASONING_PRIOR, Tokenizer,  # no
                   reasoning_signature, skill_answer, student_prompt, teacher_prompt)
 from eval import answer, evaluate  # noqa: E402
 from lab.runner import (BASE_SETTINGS, check_base, clock, every, flags, mean_sd,  # noqa: E402
-                        pretrain_base, run_once)
+                        pretrain_base, run_once, worst_skill)
 from model import load_checkpoint  # noqa: E402
 
 # The thinking base: the shipped base's recipe, every batch from the reasoning world's mixture
@@ -240,8 +240,8 @@ def table(records, base_views, sweep, chosen, skills, seeds):
                                                          if len(values) > 1 else ""))
         rate = "-" if m == "base" else f"{chosen[m]:g}"
         rs = [r for r in records if r["method"] == m and r["chosen"]]
-        worst = min(PRIOR_SKILLS, key=lambda k: statistics.mean(r["prior"][k] for r in rs))
-        cells.append(f"{worst} {statistics.mean(r['prior'][worst] for r in rs):.2f}")
+        worst, accuracy = worst_skill([r["prior"] for r in rs], PRIOR_SKILLS)
+        cells.append(f"{worst} {accuracy:.2f}")
         steps = f"{statistics.mean(per_seed(records, m, 'steps', seeds)):.0f}"
         rows.append(f"| {LABELS[m]} | {rate} | {steps} | {' | '.join(cells)} "
                     f"| {PAPER[m][0]}%, {PAPER[m][1]} |")

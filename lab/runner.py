@@ -86,6 +86,13 @@ def run_once(command, out, on_line=None, announce=None):
         json.dump(record, f)
 
 
+def worst_skill(accuracies, skills):
+    """The skill lowest on average over these accuracy records ({skill: accuracy}), and that
+    average: an average over seven prior skills can hide one that is lost."""
+    skill = min(skills, key=lambda k: statistics.mean(a[k] for a in accuracies))
+    return skill, statistics.mean(a[skill] for a in accuracies)
+
+
 def mean_sd(values):
     """'0.97 ± 0.01' over seeds (sd only when there are several), as the tables print them."""
     return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")

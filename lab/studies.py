@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from data import NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, eval_queries, parse_skills
 from eval import evaluate, inspect_step, pass_at_k, plot_inspect
-from lab.runner import BASE_SETTINGS, LR, clock, ensure_base, every, flags, mean_sd, run_once
+from lab.runner import (BASE_SETTINGS, LR, clock, ensure_base, every, flags, mean_sd, run_once,
+                        worst_skill)
 from model import load_checkpoint
 
 STUDIES = ["onpolicy", "teacher", "divergence", "baselines", "size", "passk", "law", "inside"]
@@ -66,13 +67,12 @@ VARIANTS = {  # name: (script, flags, label)
 # (after SFT at SFT's rate), each chosen on validation. The sweep's 3e-4 points are "dft" and
 # "sft+reinvoke" themselves, the variants every other study knows.
 SWEEP = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
-SWEPT = {"dft": {}, "sft+reinvoke": {}}  # variant -> {rate: the variant at that rate}
+SWEPT = {m: {lr: m if lr == LR["sft"] else f"{m}-lr{lr:g}" for lr in SWEEP}  # {rate: variant}
+         for m in ("dft", "sft+reinvoke")}
 for _lr in SWEEP:
-    for _v, _script, _settings, _label in (("dft", SFT[0], {"lr": _lr, "dft": True}, "DFT"),
-                                           ("sft+reinvoke", None, {"lr": _lr}, "SFT + re-invoke")):
-        SWEPT[_v][_lr] = _v if _lr == LR["sft"] else f"{_v}-lr{_lr:g}"
-        if _lr != LR["sft"]:
-            VARIANTS[SWEPT[_v][_lr]] = (_script, _settings, f"{_label}, lr {_lr:g}")
+    if _lr != LR["sft"]:
+        VARIANTS[SWEPT["dft"][_lr]] = (SFT[0], {"lr": _lr, "dft": True}, f"DFT, lr {_lr:g}")
+        VARIANTS[SWEPT["sft+reinvoke"][_lr]] = (None, {"lr": _lr}, f"SFT + re-invoke, lr {_lr:g}")
 PAPER = {  # the paper's number for each variant, where it gives one (PAPER.md)
     "onpolicy": {"sdft": "~70", "offline-kl": "~64", "offline-ce": "~62", "sft": "below both"},
     "teacher": {"teacher-ema": "~70", "teacher-base": "~66, stable", "teacher-live": "peaks ~52, collapses"},
@@ -251,8 +251,8 @@ def base_accuracy(base):
 
 def worst_prior(rs):
     """The prior skill lowest on average over these runs, and that average ('flip 0.85')."""
-    k = min(prior, key=lambda k: statistics.mean(r["accuracy"][k] for r in rs))
-    return f"{k} {statistics.mean(r['accuracy'][k] for r in rs):.2f}"
+    skill, accuracy = worst_skill([r["accuracy"] for r in rs], prior)
+    return f"{skill} {accuracy:.2f}"
 
 
 def variant_table(study, records, variants, extra_columns=()):
