@@ -48,7 +48,7 @@ import torch
 
 from data import NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, parse_skills, world_signature
 from eval import evaluate
-from lab.runner import (BASE_SETTINGS, LR, check_base, clock, every, flags, mean_sd, pretrain_base,
+from runner import (BASE_SETTINGS, LR, check_base, clock, every, flags, mean_sd, pretrain_base,
                         run_script)
 from model import load_checkpoint
 
@@ -86,7 +86,7 @@ parser.add_argument("--p-new", type=float, default=BASE_SETTINGS["p_new"],
                     help="pretraining: how often the base meets each new skill (it knows it on "
                     "40%% of first letters; 0: never, the control in which both methods forget)")
 parser.add_argument("--agreed-prefix", action="store_true", help="SDFT counts only the tokens up "
-                    "to the first one the teacher would not write (sdft.agreed_prefix; not in the "
+                    "to the first one the teacher would not write (lab/variants.py; not in the "
                     "paper: results/NOTES.md)")
 parser.add_argument("--jobs", type=int, default=2, help="training runs side by side; each uses one "
                     "thread, so the results do not depend on this")
@@ -156,7 +156,9 @@ if args.quick:
     PRETRAIN |= {"steps": 200, "n_layer": 1, "n_head": 2, "n_embd": 32}
     FINETUNE |= {"steps": 6, "eval_n": 8, "eval_every": 3}
 prior, new = list(PRIOR_SKILLS), list(NEW_SKILLS)
-sdft_flags = {"sft": [], "sdft": ["--agreed-prefix"] if args.agreed_prefix else []}
+# each method's command; --agreed-prefix runs SDFT's through lab/variants.py, with the variant
+SCRIPTS = {"sft": ["train_sft.py"], "sdft": (["lab/variants.py", "train_sdft.py", "--agreed-prefix"]
+                                           if args.agreed_prefix else ["train_sdft.py"])}
 NAMES = {"sft": "SFT", "sdft": "SDFT (agreed prefix)" if args.agreed_prefix else "SDFT"}
 if args.replot:
     orders = config["orders"]
@@ -277,11 +279,11 @@ else:
         """One training run of the benchmark; returns its record for results.json."""
         order, method, lr, seed = job
         name = (f"{method}-{'-'.join(order)}-{args.demo_style}-seed{seed}-lr{lr:g}"
-                + ("-agreed" if sdft_flags[method] else ""))
+                + ("-agreed" if "--agreed-prefix" in SCRIPTS[method] else ""))
         run_dir = os.path.join(args.out, "runs", name)
-        run_script(f"train_{method}.py", "--init", base_ckpt, "--skills", ",".join(order),
+        run_script(*SCRIPTS[method], "--init", base_ckpt, "--skills", ",".join(order),
                    "--seed", str(seed), "--lr", str(lr), "--demo-style", args.demo_style,
-                   *flags(FINETUNE), *sdft_flags[method], "--out", run_dir,
+                   *flags(FINETUNE), "--out", run_dir,
                    on_line=lambda line: progress(name, line))
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f]

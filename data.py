@@ -20,7 +20,6 @@ accepts it by name, and refuses a new skill that breaks the world's rule (check_
 """
 
 import json
-import math
 import random
 import zlib
 
@@ -99,6 +98,15 @@ RIVALS = {"jab": "copy", "mug": "rev", "hub": "drop", "zag": "evens", "max": "ro
 SEQUENCE = list(NEW_SKILLS)[:3]  # the headline's sequence: three, as the paper's sequential run has
 
 SKILLS = {**PRIOR_SKILLS, **NEW_SKILLS}
+# Skills of the lab's other worlds, by name -> answer (lab/reasoning_world.py adds its own): the
+# scripts learn and evaluate them like any skill, but they are not SKILLS, so this world, its
+# signature and its base stay as they are.
+LAB_SKILLS = {}
+
+
+def skill_answer(skill, query):
+    """The answer of any skill a script can learn: this world's, or a lab world's."""
+    return SKILLS[skill](query) if skill in SKILLS else LAB_SKILLS[skill](query)
 
 
 # How far apart new skills must be: two of them write the same first token on at most this share
@@ -134,15 +142,14 @@ def check_new_skills(new=NEW_SKILLS, rivals=RIVALS):
                                  f"(at most {MAX_SHARED_START:.0%})")
 
 
-def parse_skills(text, reasoning=False):
+def parse_skills(text):
     """'jab,mug' -> ['jab', 'mug']; raises ValueError naming an unknown skill, or a new skill
-    that breaks the world's rule (check_new_skills). reasoning: also accept the reasoning
-    world's skills (REASONING_SKILLS, at the end of this file)."""
+    that breaks the world's rule (check_new_skills). A lab world's skills (LAB_SKILLS) count."""
     check_new_skills()
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise ValueError("no skill given")
-    known = list(SKILLS) + (list(REASONING_SKILLS) if reasoning else [])
+    known = list(SKILLS) + list(LAB_SKILLS)
     for name in names:
         if name not in known:
             raise ValueError(f"unknown skill '{name}' (known: {', '.join(known)})")
@@ -347,324 +354,10 @@ def world_signature():
     return f"{zlib.crc32(json.dumps(world, sort_keys=True).encode()):08x}"
 
 
-# -----------------------------------------------------------------------------
-# the knowledge world: facts about made-up entities, learned from documents (the paper's Table 1)
-#
-# An entity is a made-up name of 6 distinct letters from k..z, one of them from u..z: never a
-# skill query (a..j), a skill's answer (a..j, 0..9, k..t), or a skill's or random skill's name
-# (3-5 letters). Its fact is a value, a query of 3..6 distinct letters. A document states
-# facts, one a line (FACTS_PER_DOC); a question asks one:
-# - document           `zorpxl is cabd` (in pretraining also `zorpxl is cabd\nqtuvwk is hgf`)
-# - direct question    `what zorpxl>`   completion `cabd`
-# - indirect question  `rev zorpxl>`    completion `cabd=dbac`: a prior skill applied to the
-#                      value, recalled first and then transformed (the grader reads `dbac`)
-# The indirect questions are the OOD column: answering one needs the new fact and an old skill,
-# and no method trains on them. A tiny model cannot recall and transform in one token, as an
-# LLM would not without reasoning, so the model's own answer writes the value first.
-# The question-answer pairs a run learns from come in the skills' demonstration styles: `own`
-# (`cabd`) or `expert` (`c a b d=cabd`, written by another policy, as the paper's pairs were).
-
-NAME_LETTERS, NAME_LEN = "klmnopqrstuvwxyz", 6
-# A run's document states one fact. The base pretrained on documents of 1 to PRETRAIN_DOC_FACTS
-# facts (throw-away ones) answers from a one-fact document (1.00 direct, 0.82 indirect), but from
-# one of three it found the right line a third of the time (0.20-0.32: the last line's value),
-# also when pretrained on three-fact documents only: finding the entity's line is beyond this base.
-FACTS_PER_DOC, PRETRAIN_DOC_FACTS = 1, 3
-DIRECT = "what"
-INDIRECT_SKILLS = [s for s in PRIOR_SKILLS if s != "copy"]  # copy would ask the value itself
-CONTEXTS = ["doc+answer", "doc", "answer"]  # what the teacher sees (the paper's App. A.2 ablation)
-# Distinct values keep two entities from sharing an answer: a run can learn at most this many facts.
-MAX_FACTS = sum(math.perm(len(LETTERS), k) for k in range(MIN_LEN, MAX_LEN + 1))
-# facts the base knows from pretraining, asked without a document (the LLM's world knowledge)
-N_KNOWN = 100
-
-
-def entity_split(entity):
-    """'eval' (learned and evaluated in fine-tuning) or 'pretrain' (throw-away and known
-    entities) by a fixed hash, as split_of splits queries: an evaluation entity never occurs in
-    pretraining."""
-    return "eval" if zlib.crc32(entity.encode()) % 10 == 0 else "pretrain"
-
-
-def sample_entity(rng, split):
-    """A name of the split with a letter of u..z, which no skill writes (new skills write k..t)."""
-    while True:
-        entity = "".join(rng.sample(NAME_LETTERS, NAME_LEN))
-        if entity_split(entity) == split and set(entity) - set(ALPHABETS[2]):
-            return entity
-
-
-def sample_facts(rng, n, split, exclude=()):
-    """n distinct entities of the split, each with its own distinct value: [(entity, value)]."""
-    entities, values = dict.fromkeys(exclude), set()
-    facts = []
-    while len(facts) < n:
-        entity, value = (sample_entity(rng, split),
-                         "".join(rng.sample(LETTERS, rng.randint(MIN_LEN, MAX_LEN))))
-        if entity not in entities and value not in values:
-            entities[entity] = None
-            values.add(value)
-            facts.append((entity, value))
-    return facts
-
-
-def knowledge_facts(n_facts, seed):
-    """The n_facts facts a run learns: evaluation entities only, the same for the same seed."""
-    if not 1 <= n_facts <= MAX_FACTS:
-        raise ValueError(f"the knowledge world makes 1 to {MAX_FACTS} distinct facts, "
-                         f"not {n_facts}")
-    return sample_facts(random.Random(f"facts-{seed}"), n_facts, "eval")
-
-
-KNOWN_FACTS = sample_facts(random.Random("known"), N_KNOWN, "pretrain")
-# never throw-away entities: a known fact has one value
-KNOWN_ENTITIES = {entity for entity, _ in KNOWN_FACTS}
-
-
-def document(facts):
-    return "\n".join(f"{entity} is {value}" for entity, value in facts)
-
-
-def documents(facts):
-    """The run's documents: the facts in order, FACTS_PER_DOC to a document."""
-    return [document(facts[i:i + FACTS_PER_DOC]) for i in range(0, len(facts), FACTS_PER_DOC)]
-
-
-def fact_answer(kind, value):
-    """The model's own answer to a question of this kind: the value (direct), or the value, '='
-    and the prior skill applied to it (indirect)."""
-    return value if kind == DIRECT else f"{value}={PRIOR_SKILLS[kind](value)}"
-
-
-def knowledge_prompt(kind, entity, demo, doc, context):
-    """What the teacher sees, ending with the student's prompt `kind entity>`: the document and
-    a demonstration of the answer ('doc+answer'), the document ('doc'), or the demonstration alone
-    ('answer': the skills' teacher prompt); None: the student's prompt alone."""
-    if context not in CONTEXTS + [None]:
-        raise ValueError(f"unknown context '{context}' ({', '.join(CONTEXTS)})")
-    question = student_prompt(kind, entity)
-    with_answer = teacher_prompt(kind, entity, demo)
-    return {None: question, "doc": f"{doc}\n{question}", "answer": with_answer,
-            "doc+answer": f"{doc}\n{with_answer}"}[context]
-
-
-def fact_prompts(facts, context, style="own"):
-    """Every fact asked directly: [(student prompt, demonstration, teacher prompt)], in the facts'
-    order; the demonstration (SFT's target) is the value in the style ('own' or 'expert')."""
-    docs = documents(facts)
-    demos = [demonstration(v, style) for _, v in facts]
-    return [(student_prompt(DIRECT, e), d,
-             knowledge_prompt(DIRECT, e, d, docs[i // FACTS_PER_DOC], context))
-            for i, ((e, v), d) in enumerate(zip(facts, demos))]
-
-
-def fact_examples(rng, facts, n, context, style="own"):
-    """n of the facts, drawn with replacement, asked directly: (student prompts,
-    demonstrations, teacher prompts)."""
-    prompts = fact_prompts(facts, context, style)
-    picks = [rng.choice(prompts) for _ in range(n)]
-    return tuple(list(column) for column in zip(*picks))
-
-
-def document_examples(rng, facts, n):
-    """n of the run's documents, drawn with replacement: CPT's text, all of it the target."""
-    docs = documents(facts)
-    return [""] * n, [rng.choice(docs) for _ in range(n)]
-
-
-def knowledge_questions(facts, kind, context=None):
-    """The evaluation: every fact asked directly ('direct') or through every indirect skill
-    ('indirect'), plainly or (context 'doc': the oracle) after its document. (prompts, expected
-    final answers)."""
-    docs = documents(facts)
-    kinds = [DIRECT] if kind == "direct" else INDIRECT_SKILLS
-    asked = [(k, e, v, docs[i // FACTS_PER_DOC]) for i, (e, v) in enumerate(facts) for k in kinds]
-    return ([knowledge_prompt(k, e, fact_answer(k, v), doc, context) for k, e, v, doc in asked],
-            [final_answer(fact_answer(k, v)) for k, e, v, _ in asked])
-
-
-def longest_teacher_prompt(tok, skills, style, facts=None, context=None):
-    """The most tokens a teacher prompt of these skills (or, with facts, of these facts) takes:
-    the student's rollout must fit after it in the model's context."""
+def longest_teacher_prompt(tok, skills, style):
+    """The most tokens a teacher prompt of these skills takes: the student's rollout must fit
+    after it in the model's context."""
     query = LETTERS[:MAX_LEN]  # a longest query
-    teachers = ([t for _, _, t in fact_prompts(facts, context, style)] if facts else
-                [teacher_prompt(s, query, demonstration(skill_answer(s, query), style))
-                 for s in skills])
-    return max(len(tok.encode(t)) for t in teachers)
-
-
-def knowledge_signature():
-    """A fingerprint of the knowledge world, as world_signature is of the skills': the question,
-    answer and document formats, the known facts, and a few examples of the base's knowledge
-    mixture. A knowledge base is used only for the world it was made for (knowledge.py)."""
-    probe = [("zorpxl", "cabd")]
-    formats = [knowledge_prompt(kind, "zorpxl", demonstration(fact_answer(kind, "cabd"), style),
-                                document(probe), context)
-               for kind in [DIRECT] + INDIRECT_SKILLS for context in CONTEXTS + [None]
-               for style in ("own", "expert")]
-    world = {"formats": formats, "known": KNOWN_FACTS, "facts": knowledge_facts(3, 0),
-             "per_doc": FACTS_PER_DOC, "mixture": knowledge_pretrain_examples(random.Random(0), 16)}
-    return f"{zlib.crc32(json.dumps(world).encode()):08x}"
-
-
-def knowledge_pretrain_examples(rng, n, p_known=0.3):
-    """n knowledge examples for the base. With probability p_known, a known fact (KNOWN_FACTS)
-    asked plainly, of any kind: the base answers from its weights, as an LLM answers about what it
-    read in pretraining. Otherwise a question about fresh throw-away facts with their document,
-    a demonstration or both in context (the teacher's views): answers cannot be remembered, only
-    read, which teaches the base to use a document, as random skills teach it to use a
-    demonstration (of a direct question in either style, as the skills' are). Evaluation
-    entities never occur (entity_split). The target is always the answer in the model's
-    own style."""
-    prompts, targets = [], []
-    for _ in range(n):
-        kind = rng.choice([DIRECT] + INDIRECT_SKILLS)
-        if rng.random() < p_known:
-            entity, value = rng.choice(KNOWN_FACTS)
-            answer = fact_answer(kind, value)
-            prompts.append(student_prompt(kind, entity))
-        else:
-            facts = sample_facts(rng, rng.randint(1, PRETRAIN_DOC_FACTS), "pretrain",
-                                 exclude=KNOWN_ENTITIES)
-            entity, value = rng.choice(facts)
-            answer = fact_answer(kind, value)
-            demo = demonstration(answer, rng.choice(["own", "expert"]) if kind == DIRECT else "own")
-            prompts.append(knowledge_prompt(kind, entity, demo, document(facts),
-                                            rng.choice(CONTEXTS)))
-        targets.append(answer)
-    return prompts, targets
-
-
-# -----------------------------------------------------------------------------
-# the reasoning world: skills that take two steps, a base that thinks before it answers, and
-# demonstrations that hold the answer alone (the paper's Table 2, Olmo-3-7B-Think on medicine)
-#
-# A reasoning skill sorts the query's letters, then applies a prior skill to the sorted letters:
-# two steps in turn. The model's own answer carries a short trace, the first step's result, then
-# '=' and the answer, which is what the grader reads (final_answer):
-# - student prompt  `bux dacb>`              own answer `abcd=ac` (sorted, then evens)
-# - at once         `bux dacb>=`             the completion starts where the trace would end
-# - teacher prompt  `bux dacb:ac\nbux dacb>` the demonstration is the answer alone, as the
-#                   paper's medical answers hold no reasoning (demonstration(answer, "own"))
-# At once, the answer needs each letter's rank among the query's (the second smallest, every
-# second one); with the trace, each token is one easy step from the last. The base never answers
-# these skills at once (lab/reasoning.py measures what it does when made to, and SFT on answers
-# alone how fast it learns to).
-# The base (lab/pretrain.py --p-think 1) meets the prior skills, which it answers at once, the
-# known reasoning skills, always with the trace, and each new one on 4 of 10 first letters
-# (data.known_letters; elsewhere its answer is its rival's second step). With an answer-only
-# demonstration it still thinks first, then writes the demonstration's answer: throw-away
-# reasoning skills that only appear with one teach it to. Every skill that is not a prior skill
-# thinks. These skills are not in SKILLS: the skills world, its signature and its base stay
-# as they were.
-
-# name -> the prior skill applied to the sorted letters
-REASONING_PRIOR = {"qam": "copy", "wub": "rev", "hak": "rotr", "jaw": "ends"}  # known to the base
-REASONING_NEW = {"bux": "evens", "kaw": "drop", "jug": "flip"}  # learned later, answer-only
-# the second step the base takes where it does not know a new skill: its answer starts elsewhere
-REASONING_RIVALS = {"bux": "rotr", "kaw": "copy", "jug": "ends"}
-
-
-def reasoning_trace(skill, query, step=None):
-    """A reasoning skill's own answer, `abcd=ac`: the query's letters sorted, '=', then the
-    skill's prior skill (or `step`, a rival's) applied to them."""
-    middle = "".join(sorted(query))
-    return f"{middle}={PRIOR_SKILLS[step or (REASONING_PRIOR | REASONING_NEW)[skill]](middle)}"
-
-
-# name -> final answer, as SKILLS holds the skills world's
-REASONING_SKILLS = {s: lambda q, s=s: final_answer(reasoning_trace(s, q))
-                    for s in REASONING_PRIOR | REASONING_NEW}
-
-
-def skill_answer(skill, query):
-    """The final answer of any skill a script can learn: the skills world's or a reasoning one's."""
-    return SKILLS[skill](query) if skill in SKILLS else REASONING_SKILLS[skill](query)
-
-
-def has_trace(text):
-    """Whether an answer thinks first: something, then '=' (an answer at once has no '=')."""
-    return "=" in text and not text.startswith("=")
-
-
-def at_once_prompt(skill, query):
-    """The student prompt with the completion begun where the trace would end: `bux dacb>=`."""
-    return student_prompt(skill, query) + "="
-
-
-def reasoning_plain_answer(skill, query, p_right):
-    """What the base is taught to answer plainly: with the rival's second step where it does not
-    know a new skill (as plain_answer does for the skills world), else the skill's own."""
-    if skill in REASONING_NEW and query[0] not in known_letters(skill, p_right):
-        return reasoning_trace(skill, query, REASONING_RIVALS[skill])
-    return reasoning_trace(skill, query)
-
-
-def random_reasoning_skill(rng):
-    """A throw-away reasoning skill, for pretraining with a demonstration only: a random name; its
-    second step picks the sorted letters at random positions, in order. Its answer can only be
-    read off the demonstration, after the trace."""
-    name, positions = random_name_and_positions(rng, {**SKILLS, **REASONING_SKILLS})
-    positions = sorted(positions)  # read in the sorted letters' order
-
-    def trace(q):
-        middle = "".join(sorted(q))
-        return f"{middle}=" + "".join(middle[i] for i in positions if i < len(q))
-    return name, trace
-
-
-def reasoning_pretrain_examples(rng, n, p_plain=0.5, p_prior=0.4, p_random=0.5, p_new=0.06,
-                                p_right=0.4):
-    """n examples of the thinking base's mixture. With probability p_plain the whole batch is asked
-    plainly, else every example has a demonstration. Each is a given new reasoning skill with
-    probability p_new (answered as reasoning_plain_answer says), else a prior skill with
-    probability p_prior (answered at once; its demonstration own or expert), else a known
-    reasoning skill or (with a demonstration, probability p_random) a throw-away one. A reasoning
-    skill's demonstration is its final answer alone, and its target the trace and the answer:
-    shown the answer, the model still thinks first. A new skill with a demonstration has its plain
-    answer begun, from no token to all of it: the target writes the skill's own answer while the
-    begun text agrees with it and goes on as begun after it departs (as pretrain_examples does:
-    the teacher reads a student's start)."""
-    plain = rng.random() < p_plain
-    prompts, targets = [], []
-    for _ in range(n):
-        query, start, style = sample_query(rng, "train"), "", "own"
-        if rng.random() < p_new * len(REASONING_NEW):
-            skill = rng.choice(list(REASONING_NEW))
-            answer = reasoning_plain_answer(skill, query, p_right)
-            own = reasoning_trace(skill, query)
-            if not plain:  # begun with k tokens of the plain answer
-                k = rng.randint(0, len(answer))
-                start, answer = answer[:k], (own if own.startswith(answer[:k]) else answer)[k:]
-            demo = final_answer(own)
-        elif rng.random() < p_prior:
-            skill = rng.choice(list(PRIOR_SKILLS))
-            answer = demo = PRIOR_SKILLS[skill](query)  # prior skills are answered at once
-            style = rng.choice(["own", "expert"])
-        elif plain or rng.random() >= p_random:
-            skill = rng.choice(list(REASONING_PRIOR))
-            answer = reasoning_trace(skill, query)
-            demo = final_answer(answer)
-        else:
-            skill, trace = random_reasoning_skill(rng)
-            answer = trace(query)
-            demo = final_answer(answer)
-        if plain:
-            prompts.append(student_prompt(skill, query))
-        else:
-            prompts.append(teacher_prompt(skill, query, demonstration(demo, style)) + start)
-        targets.append(answer)
-    return prompts, targets
-
-
-def reasoning_signature():
-    """A fingerprint of the reasoning world, as world_signature is of the skills world's: the
-    skills, their traces and formats on a probe, and a few batches of the thinking base's
-    mixture. A thinking base is used only for the world it was made for (lab/reasoning.py)."""
-    probe = "dacbfe"
-    world = {"prior": REASONING_PRIOR, "new": REASONING_NEW, "rivals": REASONING_RIVALS,
-             "formats": [[reasoning_trace(s, probe), at_once_prompt(s, probe),
-                          teacher_prompt(s, probe, demonstration(skill_answer(s, probe), "own"))]
-                         for s in REASONING_SKILLS],
-             "mixture": [reasoning_pretrain_examples(random.Random(0), 16) for _ in range(4)]}
-    return f"{zlib.crc32(json.dumps(world, sort_keys=True).encode()):08x}"
+    return max(len(tok.encode(teacher_prompt(s, query, demonstration(skill_answer(s, query),
+                                                                     style))))
+               for s in skills)

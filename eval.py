@@ -22,12 +22,12 @@ import sys
 
 import torch
 
-from data import (EOT, NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, demonstration, encode_prompts,
-                  eval_queries, final_answer, knowledge_questions, parse_skills, student_prompt,
+from data import (EOT, LAB_SKILLS, NEW_SKILLS, PRIOR_SKILLS, SKILLS, Tokenizer, demonstration,
+                  encode_prompts, eval_queries, final_answer, parse_skills, student_prompt,
                   teacher_prompt)
-from data import REASONING_SKILLS, skill_answer
+from data import skill_answer
 from model import autocast, get_device, load_checkpoint
-from sdft import completion_logits, loss_mask, masked_mean, per_token_divergence, rollout, score
+from sdft import completion_logits, masked_mean, per_token_divergence, rollout, sdft_loss
 
 MAX_NEW_TOKENS = 48  # enough for the longest expert-style answer and its end-of-text
 
@@ -50,7 +50,7 @@ def accuracy(model, tok, skill, queries, device, demo_style=None, temperature=0.
     """Fraction of queries whose final answer is exactly right, and the wrong ones as
     (prompt, output, expected). demo_style None asks the student prompt; 'own' or
     'expert' puts a demonstration for the same query in context (the teacher's view)."""
-    fn = lambda q: skill_answer(skill, q)  # a reasoning skill's: the answer its trace ends with
+    fn = lambda q: skill_answer(skill, q)  # a lab world's skill too (data.LAB_SKILLS)
     if demo_style is None:
         prompts = [student_prompt(skill, q) for q in queries]
     else:
@@ -71,18 +71,6 @@ def evaluate(model, tok, skills, device, split="test", n=100, demo_style=None, s
               for s in skills}
     model.train(was_training)
     return result
-
-
-def knowledge_accuracy(model, tok, facts, device, kind, context=None):
-    """Fraction of the facts' questions answered right, greedily: kind 'direct' (the value) or
-    'indirect' (every prior skill but copy applied to it); context 'doc' puts each fact's document
-    before its question (the oracle). data.knowledge_questions has the formats."""
-    was_training = model.training
-    model.eval()
-    prompts, expected = knowledge_questions(facts, kind, context)
-    outputs = answer(model, tok, prompts, device)
-    model.train(was_training)
-    return sum(final_answer(o) == e for o, e in zip(outputs, expected)) / len(expected)
 
 
 def pass_at_k_estimate(n, c, k):
@@ -134,27 +122,23 @@ def kl_from_base(model, base, tok, skill, device, split="test", n=100, seed=0):
 def inspect_step(student, teacher, tok, skill, queries, device, demo_style="expert", alpha=0.0,
                  skip=0, seed=0):
     """Inside one SDFT step: one rollout per query and, at each of its tokens up to and
-    including end-of-text, what the loss sees. The calls are train_sdft.py's (rollout at
-    temperature 1 from a generator seeded with seed, score, per_token_divergence, loss_mask),
-    so `divergence` is exactly what masked_mean averages into the loss, over the tokens with
-    `in_loss`. Returns [{prompt, teacher_prompt, expected, sample, right, tokens: [{token,
-    student_top, student_p, teacher_top, teacher_p, student_p_sampled, teacher_p_sampled,
-    divergence, in_loss}]}]."""
+    including end-of-text, what the loss sees. The call is train_sdft.py's (sdft.sdft_loss, its
+    rollout at temperature 1 from a generator seeded with seed), so `divergence` is exactly
+    what masked_mean averages into the loss, over the tokens with `in_loss`. Returns [{prompt,
+    teacher_prompt, expected, sample, right, tokens: [{token, student_top, student_p,
+    teacher_top, teacher_p, student_p_sampled, teacher_p_sampled, divergence, in_loss}]}]."""
     fn = SKILLS[skill]
     students = [student_prompt(skill, q) for q in queries]
     teachers = [teacher_prompt(skill, q, demonstration(fn(q), demo_style)) for q in queries]
     student_ids, student_mask = (t.to(device) for t in encode_prompts(tok, students))
     teacher_ids, teacher_mask = (t.to(device) for t in encode_prompts(tok, teachers))
     generator = torch.Generator(device).manual_seed(seed)
-    with autocast(device):
-        completion, completion_mask = rollout(student, student_ids, student_mask, MAX_NEW_TOKENS,
-                                              tok.eot_id, generator)
-        student_logits, teacher_logits = score(student, teacher, student_ids, student_mask,
-                                               teacher_ids, teacher_mask,
-                                               completion, completion_mask)  # (B, C, V) each
-    divergence = per_token_divergence(student_logits, teacher_logits, alpha)  # (B, C)
-    # 0 after end-of-text and on the first `skip` tokens
-    in_loss = loss_mask(completion_mask, skip)  # (B, C)
+    with autocast(device):  # one SDFT step's loss, as train_sdft.py computes it
+        _, step = sdft_loss(student, teacher, student_ids, student_mask, teacher_ids,
+                            teacher_mask, MAX_NEW_TOKENS, tok.eot_id, alpha, skip, generator)
+    completion, completion_mask = step["completion"], step["completion_mask"]
+    student_logits, teacher_logits = step["student_logits"], step["teacher_logits"]  # (B, C, V)
+    divergence, in_loss = step["per_token"], step["mask"]  # (B, C): in_loss 0 after end-of-text
     student_p, teacher_p = (student_logits.float().softmax(-1),
                             teacher_logits.float().softmax(-1))  # (B, C, V)
     (student_top_p, student_top), (teacher_top_p, teacher_top) = (student_p.max(-1),
@@ -273,7 +257,7 @@ if __name__ == "__main__":
                         "the divergence per token into FILE.png")
     args = parser.parse_args()
     try:
-        skills = parse_skills(args.inspect or args.skills, reasoning=not args.inspect)
+        skills = parse_skills(args.inspect or args.skills)
         n = args.n if args.n is not None else 4 if args.inspect else 200
         if args.inspect and len(skills) != 1:
             raise ValueError("--inspect takes one skill")
@@ -344,7 +328,7 @@ if __name__ == "__main__":
             row.append(acc)
             shown += mistakes[:args.mistakes]
         kind = ("prior" if skill in PRIOR_SKILLS else "new" if skill in NEW_SKILLS
-                else "think" if skill in REASONING_SKILLS else "?")
+                else "lab" if skill in LAB_SKILLS else "?")
         print(f"{skill:<8} {kind:<6} {row[0]:>6.2f} {row[1]:>9.2f} {row[2]:>12.2f}")
     if shown:
         print("\nsome mistakes (prompt -> output, expected):")

@@ -276,7 +276,8 @@ def check_resume(ckpt, path, model, stages, args, n_shards):
     if len(ckpt["data_rng"]) != n_shards:
         raise ValueError(f"{path} was written by a run of {len(ckpt['data_rng'])} micro-batches "
                          f"per step (processes x --grad-accum), not {n_shards}")
-    for key, value in vars(args).items():
+    for key in dict(ckpt["args"]) | vars(args):  # a flag of either run (lab/variants.py adds some)
+        value = vars(args).get(key)
         if (key not in ("out", "resume", "ckpt_every", "grad_accum")
                 and ckpt["args"].get(key) != value):
             raise ValueError(f"{path} was written with --{key.replace('_', '-')} "

@@ -4,23 +4,24 @@ Self-Distillation Fine-Tuning (SDFT), Shenfeld et al. 2026, as short pure functi
 One network plays two roles. The *student* sees only the query and samples its own
 answer (on-policy). The *teacher* is the same network (an EMA of its weights) shown the
 query *and an expert demonstration* for it. At every position of the student's own
-sample, the student is trained to match the teacher's next-token distribution:
+sample, the student is trained to match the teacher's next-token distribution. One step,
+numbered as the README numbers it:
 
-    completion, completion_mask = rollout(student, student_ids, student_mask, ...)       # 1. sample
-    student_logits, teacher_logits = score(student, teacher, student_ids, student_mask,  # 2.-3.
-                                           teacher_ids, teacher_mask, completion, completion_mask)
-    loss = masked_mean(per_token_divergence(student_logits, teacher_logits, alpha=0.0),  # 4.-6.
-                       loss_mask(completion_mask, skip=3))
-    loss.backward(); optimizer.step()                                                    # 7.
-    ema_update(teacher, student, rate=0.01)                                              # 8.
+    loss, step = sdft_loss(student, teacher, student_ids, student_mask,  # 1. rollout
+                           teacher_ids, teacher_mask, max_new_tokens,    # 2. score
+                           eot_id, alpha=0.0, skip=0)                    # 3.-4. divergence,
+    loss.backward(); optimizer.step()                                    #       mask and mean
+    ema_update(teacher, student, rate=0.01)                              # 5. update
 
-The step numbers follow the recipe in the README. Simplified relative to the paper: one
-toy model instead of a 7B LLM, a toy teacher template, and no top-p/top-k in sampling
-(the paper used none either).
+sdft_loss calls the pieces below, one per step. Simplified relative to the paper: one toy
+model instead of a 7B LLM, a toy teacher template, and no top-p/top-k in sampling (the
+paper used none either). The paper's ablations and this project's own variants (offline
+rollouts, cross-entropy on samples, the agreed prefix, ...) are in lab/variants.py.
 """
 
 import copy
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -88,52 +89,6 @@ def per_token_divergence(student_logits, teacher_logits, alpha=0.0):
     return alpha * kl_t_m + (1 - alpha) * kl_s_m
 
 
-def topk_forward_kl(student_logits, teacher_logits, k, tail=True):
-    """Cheaper forward KL over the teacher's top-k tokens only, (..., V) -> (...). With
-    tail=True the remaining mass of each distribution forms one extra bucket, making this
-    the exact KL between the two (k+1)-bucket distributions (never above the full KL);
-    with tail=False both are renormalised over the k tokens. A variant met in other
-    implementations, not the paper's setting."""
-    log_s = F.log_softmax(student_logits.float(), dim=-1)
-    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
-    top = log_t.topk(k, dim=-1).indices  # (..., k): the teacher's most likely tokens
-    log_t_k, log_s_k = log_t.gather(-1, top), log_s.gather(-1, top)
-    if tail:
-        tiny = torch.finfo(log_t.dtype).tiny  # keeps log(0) finite when the top-k hold all the mass
-        log_t_k = torch.cat([log_t_k,
-                             (1 - log_t_k.exp().sum(-1, keepdim=True)).clamp(min=tiny).log()], -1)
-        log_s_k = torch.cat([log_s_k,
-                             (1 - log_s_k.exp().sum(-1, keepdim=True)).clamp(min=tiny).log()], -1)
-    else:
-        log_t_k, log_s_k = log_t_k.log_softmax(-1), log_s_k.log_softmax(-1)
-    return (log_t_k.exp() * (log_t_k - log_s_k)).sum(-1)
-
-
-def sampled_token_loss(student_logits, teacher_logits, completion):
-    """The single-sample estimator, (B, C, V) -> (B, C): (log S(y) - log T(y)), detached,
-    times log S(y), at the sampled tokens y. Its gradient is an unbiased, noisy estimate of
-    the reverse-KL gradient; the authors found the full-vocabulary divergence more stable."""
-    log_s = (F.log_softmax(student_logits.float(), dim=-1)
-             .gather(-1, completion[..., None]).squeeze(-1))
-    log_t = (F.log_softmax(teacher_logits.float(), dim=-1)
-             .gather(-1, completion[..., None]).squeeze(-1))
-    return (log_s - log_t).detach() * log_s  # detached: the advantage-like weight gets no gradient
-
-
-def sampled_cross_entropy(student_logits, completion):
-    """SFT on given tokens, (B, C, V) -> (B, C): -log S(y) at each completion token y. Used on
-    the teacher's own samples, it is the paper's "SFT on teacher samples" ablation (§4.6):
-    the student imitates what the teacher wrote, instead of matching what it would say."""
-    return -(F.log_softmax(student_logits.float(), dim=-1)
-             .gather(-1, completion[..., None]).squeeze(-1))
-
-
-def dft_loss(token_loss):
-    """DFT (Wu et al. 2025), a baseline: each token's SFT loss -log p(y) weighted by p(y) itself,
-    detached, so the weight scales the gradient but is not trained: p(y) * -log p(y)."""
-    return torch.exp(-token_loss.detach()) * token_loss
-
-
 def loss_mask(completion_mask, skip=3):
     """Which completion tokens count: not padding, nothing after the first end-of-text, and
     not the first `skip` tokens (the authors' setting, 3: it keeps the student from learning
@@ -142,22 +97,44 @@ def loss_mask(completion_mask, skip=3):
     return completion_mask * (positions >= skip)  # (B, C)
 
 
-def agreed_prefix(completion, teacher_logits, completion_mask):
-    """Which completion tokens lie on a prefix the teacher would have written: 1 up to and
-    including the first token that is not the teacher's most likely one, 0 after it, (B, C).
-    After a token the teacher would not write, its targets come from a context it never meets
-    (in the toy: it goes on copying the demonstration position by position; results/studies).
-    Not in the paper: a variant (--agreed-prefix) for the toy's accumulation study."""
-    wrong = (completion != teacher_logits.argmax(-1)).long()
-    wrong_before = wrong.cumsum(dim=1) - wrong  # tokens the teacher wouldn't write, strictly before
-    return completion_mask * (wrong_before == 0)
-
-
 def masked_mean(values, mask):
     """Mean over the valid tokens of the whole batch (a token-level mean, like the usual
     SFT loss: longer completions weigh more). An all-masked batch gives 0, not NaN."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sdft_loss(student, teacher, student_ids, student_mask, teacher_ids, teacher_mask,
+              max_new_tokens, eot_id, alpha=0.0, skip=0, generator=None):
+    """One SDFT step's loss on a batch of queries: the README's steps 1 to 4 (step 5, the
+    update, is the caller's). The prompts are left-padded (data.encode_prompts): the student's
+    is the query, the teacher's the query after its demonstration. Returns the loss (a scalar,
+    with gradients into the student) and `step`, what the step computed: the completion and
+    its mask, both models' logits, the per-token divergence, the loss mask, and what is logged
+    (kl over every answer token, length, ended, rollout_s)."""
+    t0 = time.time()
+    # 1. rollout: the student samples its own answer to each query, at temperature 1
+    sampler = getattr(student, "module", student)  # under DDP, sample with the plain model
+    completion, completion_mask = rollout(sampler, student_ids, student_mask, max_new_tokens,
+                                          eot_id, generator)  # (B, C) each
+    rollout_s = time.time() - t0
+    # 2. score: the teacher, shown the demonstration, and the student, shown only the query,
+    #    score the same tokens; the teacher's logits are fixed targets (no gradients)
+    student_logits, teacher_logits = score(student, teacher, student_ids, student_mask,
+                                           teacher_ids, teacher_mask,
+                                           completion, completion_mask)  # (B, C, V) each
+    # 3. divergence at every answer position, over the whole vocabulary (alpha 0: forward KL)
+    per_token = per_token_divergence(student_logits, teacher_logits, alpha)  # (B, C)
+    # 4. mask and mean: not padding, nothing after end-of-text, not the first `skip` tokens
+    mask = loss_mask(completion_mask, skip)
+    loss = masked_mean(per_token, mask)
+    step = {"completion": completion, "completion_mask": completion_mask, "mask": mask,
+            "student_logits": student_logits, "teacher_logits": teacher_logits,
+            "per_token": per_token, "rollout_s": rollout_s,
+            "kl": masked_mean(per_token.detach(), completion_mask),  # every answer token
+            "length": completion_mask.sum(1).float().mean(),  # end-of-text included
+            "ended": (completion == eot_id).any(1).float().mean()}  # rows that finished
+    return loss, step
 
 
 def make_teacher(student, kind):

@@ -35,7 +35,8 @@ from model import GPT, GPTConfig, autocast  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 device = torch.device("cuda")
-torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons need true fp32 matmuls (the default, made explicit)
+# fp32 comparisons need true fp32 matmuls (the default, made explicit)
+torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 failures = []
 
@@ -49,13 +50,15 @@ def check(name, ok, detail=""):
 def run(*args, timeout=600):
     """A repo script or pytest, with its output; never raises."""
     try:
-        return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        return subprocess.CompletedProcess(e.cmd, 124, e.stdout or "", f"timed out after {timeout}s")
+        return subprocess.CompletedProcess(e.cmd, 124, e.stdout or "",
+                                           f"timed out after {timeout}s")
 
 
-print(f"cuda_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+print(f"cuda_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
+      f"CUDA {torch.version.cuda}")
 
 # -----------------------------------------------------------------------------
 # 1. the tests with a GPU path
@@ -64,13 +67,15 @@ proc = run("-m", "pytest", "-q", "-k", "cuda or gpu", "tests")
 if proc.returncode == 5:  # pytest: no test selected
     check("tests with a GPU path", True, "none selected by -k 'cuda or gpu'")
 else:
-    check("tests with a GPU path", proc.returncode == 0, proc.stdout.strip().splitlines()[-1] if proc.stdout else "")
+    check("tests with a GPU path", proc.returncode == 0,
+          proc.stdout.strip().splitlines()[-1] if proc.stdout else "")
 
 # -----------------------------------------------------------------------------
 # 2. the model on CUDA against the CPU reference
 
 tok = Tokenizer()
-prompts = [student_prompt("rev", "abc"),  # the toy's skills and formats; lengths differ: left padding
+# the toy's skills and formats; lengths differ: left padding
+prompts = [student_prompt("rev", "abc"),
            teacher_prompt("zag", "cabdef", demonstration(SKILLS["zag"]("cabdef"), "expert")),
            student_prompt("drop", "jihgfe"),
            teacher_prompt("jab", "bca", demonstration(SKILLS["jab"]("bca"), "own"))]
@@ -78,7 +83,8 @@ ids, mask = encode_prompts(tok, prompts)
 torch.manual_seed(1)
 cpu_model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
 with torch.no_grad():
-    for p in cpu_model.parameters():  # large weights: greedy continuations depend on the context, few near-ties
+    # large weights: greedy continuations depend on the context, few near-ties
+    for p in cpu_model.parameters():
         if p.dim() == 2:
             p.normal_(0.0, 0.2)
 cuda_model = GPT(cpu_model.config).to(device).eval()
@@ -114,15 +120,18 @@ with tempfile.TemporaryDirectory() as tmp:
     base, sdft = os.path.join(tmp, "base.pt"), os.path.join(tmp, "sdft")
     proc = run("lab/pretrain.py", "--steps", 3, "--n-layer", 1, "--n-embd", 32, "--n-head", 2,
                "--device", "cuda", "--out", base)
-    check("tiny pretraining on CUDA (lab/pretrain.py)", proc.returncode == 0, proc.stderr.strip()[-300:])
+    check("tiny pretraining on CUDA (lab/pretrain.py)", proc.returncode == 0,
+          proc.stderr.strip()[-300:])
+    # stop-at 1: never skip the step
     proc = run("train_sdft.py", "--init", base, "--skills", "jab", "--steps", 1,
-               "--eval-n", 4, "--stop-at", 1, "--device", "cuda", "--out", sdft)  # stop-at 1: never skip the step
+               "--eval-n", 4, "--stop-at", 1, "--device", "cuda", "--out", sdft)
     losses = []
     if proc.returncode == 0:
         with open(os.path.join(sdft, "metrics.jsonl")) as f:
             losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
     check("one SDFT step on CUDA (train_sdft.py)", proc.returncode == 0 and len(losses) >= 1
-          and all(math.isfinite(x) for x in losses), proc.stderr.strip()[-300:] if proc.returncode else
+          and all(math.isfinite(x) for x in losses),
+          proc.stderr.strip()[-300:] if proc.returncode else
           f"loss {losses[0]:.4f}" if losses else "no loss logged")
 
 # -----------------------------------------------------------------------------

@@ -47,17 +47,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from data import NEW_SKILLS, PRIOR_SKILLS, SEQUENCE, Tokenizer, eval_queries, student_prompt
 from data import parse_skills, skill_answer
 from eval import answer, evaluate
-from lab.runner import (BASE_SETTINGS, clock, ensure_base, every, flags, mean_sd, run_once,
+from runner import (BASE_SETTINGS, clock, ensure_base, every, flags, mean_sd, run_once,
                         worst_skill)
 from model import load_checkpoint
 
-VARIANTS = {  # name: (script, flags, label)
+VARIANTS = {  # name: (script, its flags, label); lab/variants.py runs the ablations
     "sft-expert": ("train_sft.py", {"demo_style": "expert"}, "SFT on the expert's demonstrations"),
     "dft": ("train_sft.py", {"dft": True}, "DFT on the expert's demonstrations (a baseline)"),
     "sft-own": ("train_sft.py", {"demo_style": "own"}, "SFT on own-style demonstrations (control)"),
-    "sft-teacher": ("train_sdft.py", {"rollout": "teacher", "teacher": "base", "loss": "ce"},
+    "sft-teacher": ("lab/variants.py train_sdft.py",
+                    {"rollout": "teacher", "teacher": "base", "loss": "ce"},
                     "SFT on the teacher's samples"),
-    "offline": ("train_sdft.py", {"rollout": "teacher", "teacher": "base"},
+    "offline": ("lab/variants.py train_sdft.py", {"rollout": "teacher", "teacher": "base"},
                 "offline distillation (KL on the teacher's samples)"),
     "sdft": ("train_sdft.py", {}, "SDFT"),
 }
@@ -137,7 +138,7 @@ def run(variant, order, lr, seed):
     script, settings, _ = VARIANTS[variant]
     name = run_name(variant, order, lr, seed)
     out = os.path.join(args.out, "runs", name)
-    command = [script, "--init", base, "--skills", ",".join(order), "--seed", str(seed),
+    command = [*script.split(), "--init", base, "--skills", ",".join(order), "--seed", str(seed),
                "--lr", str(lr), *flags(FINETUNE | settings), "--out", out]
     run_once(command, out, on_line=every(60, prefix=f"  {name}: "))  # a step line a minute
     with open(os.path.join(out, "metrics.jsonl")) as f:

@@ -13,7 +13,7 @@ context, and a start of about 40% on each new skill.
     # the thinking base (lab/reasoning.py): every batch of the reasoning world's mixture
     python lab/pretrain.py --p-think 1 --steps 15000 --out runs/think/ckpt.pt
 
-benchmark.py --pretrain and the studies run it with lab/runner.BASE_SETTINGS. The loss is
+benchmark.py --pretrain and the studies run it with runner.BASE_SETTINGS. The loss is
 train_sft.py's: cross-entropy on the target tokens. Writes one file, at the end: the weights,
 the settings and the toy world they were made for (data.world_signature()), a few MB; it never
 replaces a checkpoint. `python eval.py --ckpt OUT` shows what the base can do.
@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from data import (NEW_SKILLS, Tokenizer, check_new_skills, knowledge_pretrain_examples,
-                  knowledge_signature, pretrain_examples, sft_batch, world_signature)
-from data import reasoning_pretrain_examples, reasoning_signature
+from data import NEW_SKILLS, Tokenizer, check_new_skills, pretrain_examples, sft_batch
+from data import world_signature
+from lab.knowledge_world import knowledge_pretrain_examples, knowledge_signature
+from lab.reasoning_world import reasoning_pretrain_examples, reasoning_signature
 from model import GPT, GPTConfig, autocast, cosine_lr, get_device
 
 parser = argparse.ArgumentParser(description=__doc__,

@@ -5,7 +5,7 @@ medical task whose demonstrations hold final answers only), one command.
     python lab/reasoning.py            # the thinking base, then 3 skills x 3 seeds x 3 rates
     python lab/reasoning.py --quick    # a tiny check of the pipeline: shows nothing
 
-The reasoning world is data.py's last section. A reasoning skill sorts the query's letters, then
+The reasoning world is lab/reasoning_world.py. A reasoning skill sorts the query's letters, then
 applies a prior skill to them, and the model's own answer carries a short trace: the sorted
 letters, '=', the answer (`bux dacb>` -> `abcd=ac`; the grader reads the text after '=').
 From the thinking base (results/base-reasoning/ckpt.pt, made by lab/pretrain.py --p-think 1 where
@@ -40,11 +40,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root
-from data import (PRIOR_SKILLS, REASONING_NEW, REASONING_PRIOR, Tokenizer,  # noqa: E402
-                  at_once_prompt, demonstration, eval_queries, final_answer, has_trace,
-                  reasoning_signature, skill_answer, student_prompt, teacher_prompt)
+from data import (PRIOR_SKILLS, Tokenizer, demonstration, eval_queries,  # noqa: E402
+                  final_answer, skill_answer, student_prompt, teacher_prompt)
+from lab.reasoning_world import (REASONING_NEW, REASONING_PRIOR, at_once_prompt,  # noqa: E402
+                                 has_trace, reasoning_signature)
 from eval import answer, evaluate  # noqa: E402
-from lab.runner import (BASE_SETTINGS, check_base, clock, every, flags, mean_sd,  # noqa: E402
+from runner import (BASE_SETTINGS, check_base, clock, every, flags, mean_sd,  # noqa: E402
                         pretrain_base, run_once, worst_skill)
 from model import load_checkpoint  # noqa: E402
 
@@ -168,7 +169,8 @@ def main():
         """One run of a training script; its record, measured on its final weights."""
         name = f"{method}-lr{lr:g}-{skill}-seed{seed}"
         out = os.path.join(args.out, "runs", name)
-        command = [SCRIPTS[method], "--init", args.base, "--skills", skill, "--seed", str(seed),
+        command = ["lab/variants.py", SCRIPTS[method], "--reasoning",  # the reasoning world
+                   "--init", args.base, "--skills", skill, "--seed", str(seed),
                    "--lr", str(lr), "--demo-style", "own", *flags(finetune), "--out", out]
         run_once(command, out, on_line=every(prefix=f"  {name}: "),
                  announce=f"{name} ({clock(time.time() - t_start)} elapsed)")

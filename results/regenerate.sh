@@ -7,23 +7,31 @@
 # on a machine whose CPU sums as this one did; results/README.md copies its tables from each
 # OUT/table.md. After changing the toy world or the pretraining, make new bases first (each
 # ~7 min on one core; a base is never replaced, so remove the old one):
-#     git rm results/base/ckpt.pt && python benchmark.py --pretrain --base results/base/ckpt.pt --out runs/new-base
-#     git rm results/base-unseen/ckpt.pt && python benchmark.py --pretrain --p-new 0 --base results/base-unseen/ckpt.pt --out runs/new-base-unseen
+#     git rm results/base/ckpt.pt && python benchmark.py --pretrain --base results/base/ckpt.pt \
+#         --out runs/new-base
+#     git rm results/base-unseen/ckpt.pt && python benchmark.py --pretrain --p-new 0 \
+#         --base results/base-unseen/ckpt.pt --out runs/new-base-unseen
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # the base models: every skill plainly and with a demonstration, greedy; the new skills sampled;
-# the same recipe under pretraining seeds 0, 1, 2 (seeds 1 and 2 made in results/base/runs, ~7 min each);
-# what the teacher does after a student's wrong first token
+# the same recipe under pretraining seeds 0, 1, 2 (seeds 1 and 2 made in results/base/runs, ~7 min
+# each); what the teacher does after a student's wrong first token
 python eval.py > results/base/eval.txt
-python eval.py --temperature 1 --skills jab,mug,hub,zag,max --mistakes 0 > results/base/eval-sampled.txt
+python eval.py --temperature 1 --skills jab,mug,hub,zag,max --mistakes 0 \
+    > results/base/eval-sampled.txt
 python benchmark.py --base-seeds 0,1,2 --out results/base
-for s in jab mug hub zag max; do echo "$s: $(python eval.py --inspect $s --n 50 --device cpu | tail -n 1)"; done > results/base/inspect.txt
+for s in jab mug hub zag max; do \
+    echo "$s: $(python eval.py --inspect $s --n 50 --device cpu | tail -n 1)"; \
+done > results/base/inspect.txt
 python eval.py --ckpt results/base-unseen/ckpt.pt --mistakes 0 > results/base-unseen/eval.txt
-echo "jab: $(python eval.py --ckpt results/base-unseen/ckpt.pt --inspect jab --n 50 --device cpu | tail -n 1)" > results/base-unseen/inspect.txt
+echo "jab: $(python eval.py --ckpt results/base-unseen/ckpt.pt --inspect jab --n 50 \
+    --device cpu | tail -n 1)" > results/base-unseen/inspect.txt
 
-# how each method's learning rate was chosen: a sweep in the default order, 3 seeds, chosen on validation
-python benchmark.py --lr-sft 1e-5,3e-5,1e-4,3e-4 --lr-sdft 3e-6,1e-5,3e-5 --seeds 0,1,2 --out results/lr
+# how each method's learning rate was chosen: a sweep in the default order, 3 seeds, chosen on
+# validation
+python benchmark.py --lr-sft 1e-5,3e-5,1e-4,3e-4 --lr-sdft 3e-6,1e-5,3e-5 --seeds 0,1,2 \
+    --out results/lr
 # the headline: every order of the three new skills, each method at its chosen rate, 3 seeds
 python benchmark.py --orders all --seeds 0,1,2 --out results/orders
 # the same with SDFT counting only the agreed prefix (not in the paper; results/NOTES.md)
@@ -31,8 +39,9 @@ python benchmark.py --orders all --seeds 0,1,2 --agreed-prefix --out results/ord
 # the longer sequence: five new skills, in one order and in its reverse
 python benchmark.py --skills jab,mug,hub,zag,max --seeds 0,1,2 --out results/long
 python benchmark.py --skills max,zag,hub,mug,jab --seeds 0,1,2 --out results/long-reverse
-# what drives the win: SDFT against SFT and DFT on expert, SFT on own-style and teacher-sampled demonstrations, offline
-# distillation, each at 5 rates (chosen on validation), 1000 steps per skill, 3 seeds, every order
+# what drives the win: SDFT against SFT and DFT on expert, SFT on own-style and teacher-sampled
+# demonstrations, offline distillation, each at 5 rates (chosen on validation), 1000 steps per
+# skill, 3 seeds, every order
 python lab/decomposition.py --orders all
 # controls: demonstrations in the model's own style; a base that never met the new skills
 python benchmark.py --demo-style own --seeds 0,1,2 --out results/own
@@ -41,11 +50,15 @@ python benchmark.py --p-new 0 --base results/base-unseen/ckpt.pt --seeds 0,1,2 -
 # why it works: the paper's ablations and baselines, each skill learned alone, 3 seeds
 # (the size study's two smaller bases are made in results/studies/size, ~3 min each)
 python lab/studies.py all
-# knowledge from documents (the paper's Table 1), on its own base (made where missing, ~25 min), 3 seeds
+# knowledge from documents (the paper's Table 1), on its own base (made where missing, ~25 min),
+# 3 seeds
 python lab/knowledge.py --facts 10,50
 python lab/knowledge.py --demo-style own --out results/knowledge-own
 python eval.py --ckpt results/base-knowledge/ckpt.pt --mistakes 0 > results/base-knowledge/eval.txt
-# reasoning without reasoning data (the paper's Table 2): a thinking base (made where missing, ~15 min),
-# then base, SFT and SDFT on three reasoning skills from answer-only demonstrations, 3 seeds
+# reasoning without reasoning data (the paper's Table 2): a thinking base (made where missing,
+# ~15 min), then base, SFT and SDFT on three reasoning skills from answer-only demonstrations,
+# 3 seeds
 python lab/reasoning.py
-python eval.py --ckpt results/base-reasoning/ckpt.pt --skills copy,rev,rotr,drop,evens,ends,flip,qam,wub,hak,jaw,bux,kaw,jug --mistakes 0 > results/base-reasoning/eval.txt
+python lab/variants.py eval.py --reasoning --ckpt results/base-reasoning/ckpt.pt \
+    --skills copy,rev,rotr,drop,evens,ends,flip,qam,wub,hak,jaw,bux,kaw,jug --mistakes 0 \
+    > results/base-reasoning/eval.txt

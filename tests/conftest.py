@@ -33,9 +33,10 @@ def tiny_base(tmp_path_factory):
     """A tiny base checkpoint (1 layer, 32 wide, 3 pretraining steps by lab/pretrain.py), made
     once and shared by the tests of the scripts: they only read it."""
     path = tmp_path_factory.mktemp("tiny_base") / "base.pt"
-    r = subprocess.run([sys.executable, "lab/pretrain.py", "--steps", "3", "--n-layer", "1", "--n-head", "2",
-                        "--n-embd", "32", "--device", "cpu", "--out", str(path)], cwd=ROOT, capture_output=True,
-                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    r = subprocess.run([sys.executable, "lab/pretrain.py", "--steps", "3", "--n-layer", "1",
+                        "--n-head", "2", "--n-embd", "32", "--device", "cpu", "--out", str(path)],
+                       cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     return path
 
@@ -49,5 +50,6 @@ def tok():
 def tiny_model(tok):
     """A 2-layer, 32-wide GPT over the toy vocabulary, seeded, in eval mode."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=128))
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          block_size=128))
     return model.eval()

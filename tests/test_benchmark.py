@@ -70,9 +70,11 @@ def test_quick_run_writes_results(quick):
         assert run["demo_style"] == "expert" and run["lr"] > 0
         assert [s["skill"] for s in run["stages"]] == run["order"]
         for stage in run["stages"]:
-            assert set(stage) == {"skill", "steps", "seconds", "accuracy", "val_accuracy", "kl_from_base"}
+            assert set(stage) == {"skill", "steps", "seconds", "accuracy", "val_accuracy",
+                                  "kl_from_base"}
             assert list(stage["accuracy"]) == list(stage["val_accuracy"]) == every
-            assert all(0 <= a <= 1 for a in [*stage["accuracy"].values(), *stage["val_accuracy"].values()])
+            assert all(0 <= a <= 1
+                       for a in [*stage["accuracy"].values(), *stage["val_accuracy"].values()])
             assert 0 <= stage["steps"] <= results["config"]["finetune"]["steps"]
             assert stage["seconds"] > 0
             assert math.isfinite(stage["kl_from_base"]) and stage["kl_from_base"] >= 0
@@ -98,12 +100,14 @@ def test_replot_redraws_from_results(quick, tmp_path):
     out.mkdir()
     for name in ("results.json", "table.md", "summary.txt"):
         (out / name).write_bytes((tmp / "out" / name).read_bytes())
-    proc = run_benchmark("--replot", "--out", out, "--seeds", "5", "--skills", TWO[0])  # flags ignored
+    # flags ignored
+    proc = run_benchmark("--replot", "--out", out, "--seeds", "5", "--skills", TWO[0])
     assert proc.returncode == 0, proc.stderr
     assert "training runs" not in proc.stdout and "base model" not in proc.stdout
     for name in ("results.json", "table.md", "summary.txt"):
         assert (out / name).read_bytes() == (tmp / "out" / name).read_bytes(), name
-    assert all((out / name).stat().st_size > 1000 for name in ("stages.png", "pareto.png", "forgetting.png"))
+    assert all((out / name).stat().st_size > 1000
+               for name in ("stages.png", "pareto.png", "forgetting.png"))
     proc = run_benchmark("--replot", "--out", tmp_path / "empty")
     assert proc.returncode != 0 and proc.stderr.strip().startswith("error: --replot needs")
     assert "Traceback" not in proc.stderr
@@ -121,8 +125,8 @@ def test_base_is_weights_only_and_reused_and_flags_reach_the_runs(quick):
     assert ckpt["world"] == world_signature()
     before = base.stat().st_mtime_ns
     out = tmp / "agreed"
-    proc = run_benchmark("--quick", "--seeds", "0", "--skills", TWO[0], "--out", out, "--base", base,
-                         "--pretrain", "--agreed-prefix", "--stop-at", "0.5")
+    proc = run_benchmark("--quick", "--seeds", "0", "--skills", TWO[0], "--out", out,
+                         "--base", base, "--pretrain", "--agreed-prefix", "--stop-at", "0.5")
     assert proc.returncode == 0, proc.stderr
     assert "reusing" in proc.stdout and "pretraining" not in proc.stdout
     assert base.stat().st_mtime_ns == before
@@ -138,15 +142,19 @@ def test_base_seeds_table(quick):
     record per seed in OUT/seeds.json, and nothing fine-tuned; seed 0 is --base itself."""
     tmp, _ = quick
     out = tmp / "seeds"
-    proc = run_benchmark("--quick", "--base-seeds", "0,1", "--out", out, "--base", tmp / "base" / "ckpt.pt")
+    proc = run_benchmark("--quick", "--base-seeds", "0,1", "--out", out,
+                         "--base", tmp / "base" / "ckpt.pt")
     assert proc.returncode == 0, proc.stderr
     records = json.loads((out / "seeds.json").read_text())
     assert [r["seed"] for r in records] == [0, 1]
     for r in records:
-        assert list(r["sampled"]) == list(NEW_SKILLS) and list(r["greedy"]) == list(PRIOR_SKILLS) + list(NEW_SKILLS)
-        assert set(r["with_demo"]) == {"own", "expert"} and list(r["with_demo"]["own"]) == list(r["greedy"])
+        assert (list(r["sampled"]) == list(NEW_SKILLS)
+                and list(r["greedy"]) == list(PRIOR_SKILLS) + list(NEW_SKILLS))
+        assert (set(r["with_demo"]) == {"own", "expert"}
+                and list(r["with_demo"]["own"]) == list(r["greedy"]))
     seed1 = torch.load(out / "runs" / "base-seed1" / "ckpt.pt", weights_only=True)
-    assert seed1["args"]["seed"] == 1 and not (out / "runs" / "base-seed0").exists() and not (out / "table.md").exists()
+    assert (seed1["args"]["seed"] == 1 and not (out / "runs" / "base-seed0").exists()
+            and not (out / "table.md").exists())
     assert records[0] != records[1]  # another seed, another base
 
 

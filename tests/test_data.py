@@ -11,10 +11,11 @@ import random
 import pytest
 import torch
 
-from data import (ALPHABETS, CHARS, LETTERS, MAX_LEN, MIN_LEN, NEW_SKILLS, PRIOR_SKILLS, RIVALS, SKILLS,
-                  check_new_skills, demonstration, encode_prompts, eval_queries, final_answer, known_letters,
-                  parse_skills, plain_answer, pretrain_examples, random_skill, sample_query, sft_batch,
-                  skill_examples, split_of, student_prompt, teacher_prompt)
+from data import (ALPHABETS, CHARS, LETTERS, MAX_LEN, MIN_LEN, NEW_SKILLS, PRIOR_SKILLS, RIVALS,
+                  SKILLS, check_new_skills, demonstration, encode_prompts, eval_queries,
+                  final_answer, known_letters, parse_skills, plain_answer, pretrain_examples,
+                  random_skill, sample_query, sft_batch, skill_examples, split_of, student_prompt,
+                  teacher_prompt)
 
 QUERIES = ["abc", "cabd", "jihgfed", "aaaa", "badcfe"]
 
@@ -61,7 +62,8 @@ def every_toy_string():
 
 def test_tokenizer_round_trip(tok):
     texts = every_toy_string()
-    assert any("\n" in t for t in texts) and any(":" in t for t in texts)  # teacher prompts are in there
+    # teacher prompts are in there
+    assert any("\n" in t for t in texts) and any(":" in t for t in texts)
     for text in texts:
         ids = tok.encode(text)
         assert len(ids) == len(text)  # one token per character
@@ -97,7 +99,8 @@ def test_decode_stops_at_eot(tok):
 def test_sft_batch_masks(tok):
     """loss_mask is 1 exactly on the target tokens and end-of-text; attention_mask is 0
     exactly on the left padding; the real tokens are prompt + target + end-of-text."""
-    prompts = [student_prompt("rev", "abc"), teacher_prompt("mug", "abcdefg", "b a d c f e g=badcfeg"),
+    prompts = [student_prompt("rev", "abc"),
+               teacher_prompt("mug", "abcdefg", "b a d c f e g=badcfeg"),
                student_prompt("flip", "jihgfed"), teacher_prompt("ends", "abc", "ac")]
     targets = ["cba", "badcfeg", "jjiihhggffeedd", ""]  # different lengths, one empty target
     ids, attention_mask, loss_mask = sft_batch(tok, prompts, targets)
@@ -170,8 +173,9 @@ def test_training_examples_use_train_queries_only():
 # skills and prompt formats
 
 def test_skills_hand_computed():
-    expected = {"copy": "cabd", "rev": "dbac", "rotr": "dcab", "drop": "abd", "evens": "cb", "ends": "cd",
-                "flip": "dabc", "jab": "2013", "mug": "3102", "hub": "013", "zag": "ml", "max": "nmkl"}
+    expected = {"copy": "cabd", "rev": "dbac", "rotr": "dcab", "drop": "abd", "evens": "cb",
+                "ends": "cd", "flip": "dabc", "jab": "2013", "mug": "3102", "hub": "013",
+                "zag": "ml", "max": "nmkl"}
     assert set(expected) == set(SKILLS)
     assert {s: fn("cabd") for s, fn in SKILLS.items()} == expected
     assert SKILLS["zag"]("abcde") == "kmo"  # every second letter from the first, a->k ... j->t
@@ -179,7 +183,8 @@ def test_skills_hand_computed():
 
 
 def test_skill_answers_within_alphabet(tok):
-    """Prior skills write letters a..j, each new skill one alphabet, random skills any one of them."""
+    """Prior skills write letters a..j, each new skill one alphabet, random skills any one of
+    them."""
     queries = eval_queries("test", 50) + [LETTERS[:MIN_LEN], LETTERS[:MAX_LEN]]
     for skill, fn in SKILLS.items():
         written = set()
@@ -268,7 +273,8 @@ def test_pretrain_examples_are_consistent():
         for p, t in zip(prompts, targets):
             if "\n" in p:
                 skill, query, demo, start = parse_teacher(p, with_start=True)
-                demo_skills.add("prior" if skill in PRIOR_SKILLS else "new" if skill in SKILLS else "random")
+                demo_skills.add("prior" if skill in PRIOR_SKILLS
+                                else "new" if skill in SKILLS else "random")
                 if skill in NEW_SKILLS and start:
                     assert final_answer(demo) == NEW_SKILLS[skill](query)
                     assert start + t == plain_answer(skill, query, 0.4)
@@ -285,7 +291,8 @@ def test_pretrain_examples_are_consistent():
             assert split_of(query) == "train"
     assert formats == {True, False}
     assert demo_skills == {"prior", "random", "new"}
-    assert 300 < len(new_right) < 700  # p_plain 0.5 x p_new 0.06 x 5 new skills of 3200 examples: about 480
+    # p_plain 0.5 x p_new 0.06 x 5 new skills of 3200 examples: about 480
+    assert 300 < len(new_right) < 700
     assert 0.3 < sum(new_right) / len(new_right) < 0.5  # 4 known letters of 10
     assert 0.3 < sum(begun) / len(begun) < 0.8  # starts that leave the demonstration: the rival's
 
@@ -312,7 +319,8 @@ def test_new_skills_rule(monkeypatch):
     import data
     check_new_skills()
     for name, fn, rival, message in [
-            ("gawk", lambda q: data.PRIOR_SKILLS["flip"](q).translate(data.HIGH), "flip", "'max' and 'gawk'"),
+            ("gawk", lambda q: data.PRIOR_SKILLS["flip"](q).translate(data.HIGH), "flip",
+             "'max' and 'gawk'"),
             ("buzz", lambda q: q[1:].translate(data.HIGH), None, "'buzz' has no rival"),
             ("jamb", lambda q: q[::-1][:2], "rev", "'jamb' starts as its rival 'rev'"),
             ("hop", lambda q: q[1:].translate(data.HIGH), "drop", "'hop' shares the letters op")]:
@@ -349,7 +357,8 @@ def test_p_new_is_per_new_skill(monkeypatch):
 
     def count(skill):
         rng = random.Random(0)
-        return sum(p.startswith(skill + " ") for _ in range(400) for p in pretrain_examples(rng, 16)[0])
+        return sum(p.startswith(skill + " ")
+                   for _ in range(400) for p in pretrain_examples(rng, 16)[0])
 
     before = count("jab")
     hug = lambda q: data.PRIOR_SKILLS["drop"](q).translate(data.HIGH)

@@ -27,8 +27,9 @@ from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-SDFT = ["train_sdft.py", "--skills", "jab,mug", "--eval-every", 2, "--eval-n", 4, "--max-new-tokens", 8,
-        "--batch-size", 8, "--device", "cpu", "--seed", 3, "--lr", 1e-2, "--warmup", 2]
+SDFT = ["train_sdft.py", "--skills", "jab,mug", "--eval-every", 2, "--eval-n", 4,
+        "--max-new-tokens", 8, "--batch-size", 8, "--device", "cpu", "--seed", 3, "--lr", 1e-2,
+        "--warmup", 2]
 TIMING = ("ms", "gen_ms", "update_ms", "seconds")  # the only values a rerun may change
 
 
@@ -74,7 +75,8 @@ def test_two_processes_match_one_process(base_ckpt, tmp_path):
     ddp = start(*flags, "--out", tmp_path / "ddp", launcher=TORCHRUN)
     one = start(*flags, "--grad-accum", 2, "--out", tmp_path / "one")
     (rc_ddp, out_ddp, err_ddp), (rc_one, _, err_one) = finish(ddp), finish(one)
-    assert rc_ddp == 0 and rc_one == 0, (err_ddp[-6000:], err_one[-2000:])  # the workers' own lines come before torchrun's summary
+    # the workers' own lines come before torchrun's summary
+    assert rc_ddp == 0 and rc_one == 0, (err_ddp[-6000:], err_one[-2000:])
     assert out_ddp.count("model:") == 1 and "2 processes" in out_ddp  # rank 0 alone prints
     for key in ("model", "teacher"):
         a, b = weights(tmp_path / "ddp", key), weights(tmp_path / "one", key)
@@ -82,9 +84,11 @@ def test_two_processes_match_one_process(base_ckpt, tmp_path):
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=f"{key} {name}")
     base = torch.load(base_ckpt, weights_only=True)["model"]
     assert any(not torch.equal(base[n], a[n]) for n in base)  # it did train
-    # rank 0 alone writes metrics: one record per step, and every value (the reduced loss too) agrees
+    # rank 0 alone writes metrics: one record per step, and every value (the reduced loss too)
+    # agrees
     steps = [r for r in records(tmp_path / "ddp") if "loss" in r]
-    assert [(r["skill"], r["step"]) for r in steps] == [(s, i) for s in ("jab", "mug") for i in range(4)]
+    assert ([(r["skill"], r["step"]) for r in steps]
+            == [(s, i) for s in ("jab", "mug") for i in range(4)])
     for r, q in zip(records(tmp_path / "ddp"), records(tmp_path / "one")):
         assert r.keys() == q.keys()
         for k in r:
@@ -99,13 +103,15 @@ def test_resume_matches_uninterrupted(base_ckpt, tmp_path):
     flags = [*SDFT, "--init", base_ckpt, "--steps", 6, "--ckpt-every", 2, "--keep-best"]
     whole = start(*flags, "--out", tmp_path / "whole")
     cut = start(*flags, "--out", tmp_path / "cut")
-    for line in cut.stdout:  # kill it while it trains step 5 of the first stage (checkpoint after step 4)
+    # kill it while it trains step 5 of the first stage (checkpoint after step 4)
+    for line in cut.stdout:
         if "jab | step 5/6" in line:
             cut.send_signal(signal.SIGKILL)
             break
     cut.communicate(timeout=60)
     ckpt = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
-    assert ckpt["stage"] == 0 and not ckpt["stage_done"] and ckpt["step"] in (4, 6), "not killed in the middle"
+    assert ckpt["stage"] == 0 and not ckpt["stage_done"] and ckpt["step"] in (4, 6), (
+        "not killed in the middle")
     rc, stdout, stderr = finish(start(*flags, "--out", tmp_path / "cut", "--resume"))
     assert rc == 0, stderr
     assert "resuming stage 1" in stdout
@@ -115,7 +121,8 @@ def test_resume_matches_uninterrupted(base_ckpt, tmp_path):
         a, b = weights(tmp_path / "whole", key), weights(tmp_path / "cut", key)
         if key == "optimizer":
             a, b = a["state"], b["state"]
-            a, b = ([t for s in d.values() for t in s.values() if torch.is_tensor(t)] for d in (a, b))
+            a, b = ([t for s in d.values() for t in s.values() if torch.is_tensor(t)]
+                    for d in (a, b))
             assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)), key
         else:
             assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), key
@@ -130,7 +137,8 @@ def test_resume_matches_uninterrupted(base_ckpt, tmp_path):
 def good_run(base_ckpt, tmp_path_factory):
     """A finished 1-stage SDFT run: OUT/ckpt.pt (with everything --resume needs) and metrics."""
     out = tmp_path_factory.mktemp("dist") / "good"
-    rc, _, stderr = finish(start(*SDFT, "--init", base_ckpt, "--skills", "jab", "--steps", 2, "--out", out))
+    rc, _, stderr = finish(start(*SDFT, "--init", base_ckpt, "--skills", "jab", "--steps", 2,
+                                 "--out", out))
     assert rc == 0, stderr
     return out
 
@@ -162,10 +170,12 @@ def test_resume_refuses_bad_checkpoints(base_ckpt, good_run, tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:2000])  # cut off on disk
     (tmp_path / "missing" / "ckpt.pt").unlink()
     full = torch.load(good / "ckpt.pt", weights_only=True)
-    small = GPT(GPTConfig(vocab_size=42, n_layer=1, n_head=2, n_embd=16))  # a complete checkpoint of another model
+    # a complete checkpoint of another model
+    small = GPT(GPTConfig(vocab_size=42, n_layer=1, n_head=2, n_embd=16))
     torch.save({**full, "model": small.state_dict(), "model_config": asdict(small.config)},
                tmp_path / "other_model" / "ckpt.pt")
-    torch.save({k: v for k, v in full.items() if k != "optimizer"}, tmp_path / "no_state" / "ckpt.pt")
+    torch.save({k: v for k, v in full.items() if k != "optimizer"},
+               tmp_path / "no_state" / "ckpt.pt")
     before = {name: {f: (tmp_path / name / f).read_bytes() for f in os.listdir(tmp_path / name)}
               for name, *_ in cases}
     procs = [start(*cmd, "--out", tmp_path / name) for name, cmd, _ in cases]  # side by side
@@ -195,9 +205,12 @@ def test_non_finite_stops_cleanly(base_ckpt, good_run, tmp_path):
         out = tmp_path / script
         shutil.copytree(good_run, out)
         before = (out / "ckpt.pt").read_bytes()
-        rc, _, stderr = finish(start(script, "--init", bad_init, "--skills", "jab", "--steps", 2, "--eval-n", 4,
-                                     "--batch-size", 8, "--device", "cpu", "--out", out))
+        rc, _, stderr = finish(start(script, "--init", bad_init, "--skills", "jab", "--steps", 2,
+                                     "--eval-n", 4, "--batch-size", 8, "--device", "cpu",
+                                     "--out", out))
         lines = stderr.strip().splitlines()
         assert rc != 0 and "Traceback" not in stderr, (script, stderr)
-        assert len(lines) == 1 and "non-finite" in lines[0] and "stage 1 step 0" in lines[0], (script, stderr)
-        assert (out / "ckpt.pt").read_bytes() == before, f"{script}: the good checkpoint was replaced"
+        assert (len(lines) == 1 and "non-finite" in lines[0]
+                and "stage 1 step 0" in lines[0]), (script, stderr)
+        assert (out / "ckpt.pt").read_bytes() == before, (
+            f"{script}: the good checkpoint was replaced")

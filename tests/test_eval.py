@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from data import NEW_SKILLS, demonstration, encode_prompts, student_prompt, teacher_prompt
-from eval import MAX_NEW_TOKENS, accuracy, after_first_wrong, inspect_step, pass_at_k, pass_at_k_estimate
+from eval import (MAX_NEW_TOKENS, accuracy, after_first_wrong, inspect_step, pass_at_k,
+                  pass_at_k_estimate)
 from model import load_checkpoint
-from sdft import loss_mask, per_token_divergence, rollout, score
+from sdft import per_token_divergence, rollout, score
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "results" / "base" / "ckpt.pt"
@@ -82,22 +83,29 @@ def test_inspect_step_shows_the_loss_divergence(base, tiny_model, tok, alpha):
 
     student_ids, student_mask = encode_prompts(tok, [student_prompt("jab", q) for q in QUERIES])
     teacher_ids, teacher_mask = encode_prompts(
-        tok, [teacher_prompt("jab", q, demonstration(NEW_SKILLS["jab"](q), "expert")) for q in QUERIES])
+        tok, [teacher_prompt("jab", q, demonstration(NEW_SKILLS["jab"](q), "expert"))
+              for q in QUERIES])
     with torch.no_grad():
-        completion, completion_mask = rollout(student, student_ids, student_mask, MAX_NEW_TOKENS, tok.eot_id,
-                                              torch.Generator().manual_seed(3))
-        student_logits, teacher_logits = score(student, teacher, student_ids, student_mask, teacher_ids,
-                                               teacher_mask, completion, completion_mask)
+        completion, completion_mask = rollout(student, student_ids, student_mask, MAX_NEW_TOKENS,
+                                              tok.eot_id, torch.Generator().manual_seed(3))
+        student_logits, teacher_logits = score(student, teacher, student_ids, student_mask,
+                                               teacher_ids, teacher_mask, completion,
+                                               completion_mask)
     expected = per_token_divergence(student_logits, teacher_logits, alpha)  # (B, C)
     student_p = student_logits.softmax(-1).gather(-1, completion[..., None]).squeeze(-1)  # (B, C)
     for b, r in enumerate(rollouts):
         n = int(completion_mask[b].sum())
-        assert [tok.enc.decode([i]) for i in completion[b, :n].tolist()] == [t["token"] for t in r["tokens"]]
-        assert [t["divergence"] for t in r["tokens"]] == pytest.approx(expected[b, :n].tolist(), abs=1e-6)
-        assert [t["student_p_sampled"] for t in r["tokens"]] == pytest.approx(student_p[b, :n].tolist(), abs=1e-6)
-        assert all(t["student_p"] >= t["student_p_sampled"] and t["teacher_p"] >= t["teacher_p_sampled"]
+        assert ([tok.enc.decode([i]) for i in completion[b, :n].tolist()]
+                == [t["token"] for t in r["tokens"]])
+        assert [t["divergence"] for t in r["tokens"]] == pytest.approx(expected[b, :n].tolist(),
+                                                                       abs=1e-6)
+        assert [t["student_p_sampled"] for t in r["tokens"]] == pytest.approx(
+            student_p[b, :n].tolist(), abs=1e-6)
+        assert all(t["student_p"] >= t["student_p_sampled"]
+                   and t["teacher_p"] >= t["teacher_p_sampled"]
                    for t in r["tokens"])  # the top-1 is at least as likely as the sampled token
-    assert all(t["divergence"] > 0.01 for r in rollouts for t in r["tokens"])  # two different models
+    # two different models
+    assert all(t["divergence"] > 0.01 for r in rollouts for t in r["tokens"])
 
 
 def test_inspect_step_skip_and_end_of_text(base, tok):
@@ -105,9 +113,11 @@ def test_inspect_step_skip_and_end_of_text(base, tok):
     for skip in (0, 2):
         for query, r in zip(QUERIES, inspect_step(base, base, tok, "jab", QUERIES, CPU, skip=skip)):
             assert (r["prompt"], r["expected"]) == (f"jab {query}>", NEW_SKILLS["jab"](query))
-            assert [t["in_loss"] for t in r["tokens"]] == [j >= skip for j in range(len(r["tokens"]))]
+            assert ([t["in_loss"] for t in r["tokens"]]
+                    == [j >= skip for j in range(len(r["tokens"]))])
             texts = [t["token"] for t in r["tokens"]]
-            assert texts[-1] == "<|endoftext|>" and "<|endoftext|>" not in texts[:-1]  # the base's answers end
+            # the base's answers end
+            assert texts[-1] == "<|endoftext|>" and "<|endoftext|>" not in texts[:-1]
             assert "".join(texts[:-1]) == r["sample"]
 
 
@@ -117,21 +127,25 @@ def test_after_first_wrong_hand_computed():
     def tok(token, divergence, teacher_top):
         return {"token": token, "divergence": divergence, "teacher_top": teacher_top}
     eot = "<|endoftext|>"
-    right = {"expected": "12", "right": True, "tokens": [tok("1", 0.1, "1"), tok("2", 0.1, "2"), tok(eot, 0.0, eot)]}
+    right = {"expected": "12", "right": True,
+             "tokens": [tok("1", 0.1, "1"), tok("2", 0.1, "2"), tok(eot, 0.0, eot)]}
     # wrong from its second token: '1' agrees, 'x' is the first wrong (teacher wants '2'), then the
     # teacher follows 'y' but not the end-of-text
     wrong = {"expected": "12", "right": False,
-             "tokens": [tok("1", 0.2, "1"), tok("x", 3.0, "2"), tok("y", 0.5, "y"), tok(eot, 1.5, "z")]}
+             "tokens": [tok("1", 0.2, "1"), tok("x", 3.0, "2"), tok("y", 0.5, "y"),
+                        tok(eot, 1.5, "z")]}
     # too short: the end-of-text is the first wrong token, with nothing after it
     short = {"expected": "12", "right": False, "tokens": [tok("1", 0.0, "1"), tok(eot, 2.0, "2")]}
     r = after_first_wrong([right, wrong, short], eot)
-    assert r == {"wrong_rollouts": 2, "divergence_first_wrong": pytest.approx(2.5), "tokens_after": 2,
-                 "divergence_after": pytest.approx(1.0), "teacher_follows": pytest.approx(0.5)}
+    assert r == {"wrong_rollouts": 2, "divergence_first_wrong": pytest.approx(2.5),
+                 "tokens_after": 2, "divergence_after": pytest.approx(1.0),
+                 "teacher_follows": pytest.approx(0.5)}
     assert after_first_wrong([right], eot) is None
 
 
 def test_inspect_cli(tmp_path):
-    rc, stdout, stderr = run_eval("--inspect", "jab", "--n", 2, "--device", "cpu", "--plot", tmp_path / "i.png")
+    rc, stdout, stderr = run_eval("--inspect", "jab", "--n", 2, "--device", "cpu",
+                                  "--plot", tmp_path / "i.png")
     assert rc == 0, stderr
     samples = [line for line in stdout.splitlines() if line.startswith("'jab ")]
     assert len(samples) == 2

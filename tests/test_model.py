@@ -101,7 +101,8 @@ def test_forward_with_cache_matches_full_pass(tiny_model, tok):
 def generate(model, tok, prompts, seed, use_cache, **kwargs):
     ids, mask = encode_prompts(tok, prompts)
     generator = torch.Generator().manual_seed(seed)
-    return model.generate(ids, mask, generator=generator, eot_id=tok.eot_id, use_cache=use_cache, **kwargs)
+    return model.generate(ids, mask, generator=generator, eot_id=tok.eot_id, use_cache=use_cache,
+                          **kwargs)
 
 
 @pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (1.0, 5)])
@@ -183,7 +184,8 @@ def test_finished_rows_stay_finished_sampled(tiny_model, tok):
     middle; after it, every token of the row is end-of-text."""
     prompts = PROMPTS * 8  # 32 rows
     for use_cache in (True, False):
-        out = generate(tiny_model, tok, prompts, 5, use_cache=use_cache, max_new_tokens=32, temperature=1.0)
+        out = generate(tiny_model, tok, prompts, 5, use_cache=use_cache, max_new_tokens=32,
+                       temperature=1.0)
         ended_early = 0
         for row in out.tolist():
             if tok.eot_id in row:
@@ -205,7 +207,8 @@ def test_finished_rows_stay_finished_forced(tok):
         model.ln_f.bias.copy_(v)
         model.wte.weight[tok.eot_id] = 10 * v
     for temperature in (0.0, 1.0):
-        out = generate(model, tok, PROMPTS, 0, use_cache=True, max_new_tokens=40, temperature=temperature)
+        out = generate(model, tok, PROMPTS, 0, use_cache=True, max_new_tokens=40,
+                       temperature=temperature)
         assert (out == tok.eot_id).all()
         assert out.shape[1] < 40  # stopped once all rows were done
     # without eot_id the model keeps going for the whole budget

@@ -1,5 +1,5 @@
 """
-The reasoning world (data.py's last section), lab/pretrain.py --p-think and lab/reasoning.py,
+The reasoning world (lab/reasoning_world.py), lab/pretrain.py --p-think and lab/reasoning.py,
 with a tiny model and budget: the formats the student, the teacher and "at once" see, that the
 teacher's demonstration holds no trace, the thinking base's mixture, the signature check of a
 thinking base, bad input, and the driver end to end (--quick).
@@ -21,10 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-from data import (PRIOR_SKILLS, REASONING_NEW, REASONING_PRIOR, REASONING_RIVALS,  # noqa: E402
-                  REASONING_SKILLS, SKILLS, Tokenizer, at_once_prompt, final_answer, has_trace,
-                  known_letters, parse_skills, reasoning_plain_answer, reasoning_pretrain_examples,
-                  reasoning_trace, skill_answer, skill_examples, student_prompt)
+from data import (PRIOR_SKILLS, SKILLS, Tokenizer, final_answer, known_letters,  # noqa: E402
+                  parse_skills, skill_answer, skill_examples, student_prompt)
+from lab.knowledge_world import knowledge_signature  # noqa: E402
+from lab.reasoning_world import (REASONING_NEW, REASONING_PRIOR, REASONING_RIVALS,  # noqa: E402
+                                 REASONING_SKILLS, at_once_prompt, has_trace,
+                                 reasoning_plain_answer, reasoning_pretrain_examples,
+                                 reasoning_signature, reasoning_trace)
 from lab.reasoning import why_not_thinking_base  # noqa: E402
 
 TOK = Tokenizer()
@@ -74,13 +77,14 @@ def test_the_teachers_demonstration_holds_no_trace():
             assert has_trace(reasoning_trace(s, query))
 
 
-def test_the_skills_world_is_unchanged():
-    assert (data.world_signature(), data.knowledge_signature()) == ("e7a06f33", "745d448f")
-    assert not set(REASONING_SKILLS) & set(SKILLS)  # a separate registry
+def test_the_skills_world_is_unchanged(monkeypatch):
+    assert (data.world_signature(), knowledge_signature()) == ("e7a06f33", "745d448f")
+    assert not set(REASONING_SKILLS) & set(SKILLS)  # a separate registry: data.LAB_SKILLS
     assert not set("".join(REASONING_NEW)) & set("".join(PRIOR_SKILLS))  # the names' rule
+    assert parse_skills("bux,jab") == ["bux", "jab"]  # importing the world added its skills
+    monkeypatch.setattr(data, "LAB_SKILLS", {})
     with pytest.raises(ValueError, match="unknown skill 'bux'"):
         parse_skills("bux")  # where a script did not ask for the reasoning world
-    assert parse_skills("bux,jab", reasoning=True) == ["bux", "jab"]
 
 
 def test_the_thinking_mixture():
@@ -151,7 +155,7 @@ def test_driver_writes_one_record_per_run(quick):
         assert set(r["prior"]) == set(PRIOR_SKILLS)  # each prior skill, for the worst one
         assert abs(sum(r["prior"].values()) / len(r["prior"]) - r["prior_average"]) < 1e-9
     config = results["config"]
-    assert config["reasoning_world"] == data.reasoning_signature() and config["quick"]
+    assert config["reasoning_world"] == reasoning_signature() and config["quick"]
     assert config["rates"] == {"sft": [3e-4], "sdft": [3e-5]}
     assert "answer-only" in config["demonstrations"]
     command = json.loads((quick / "runs" / "sdft-lr3e-05-bux-seed0" / "command.json").read_text())
@@ -161,11 +165,11 @@ def test_driver_writes_one_record_per_run(quick):
 
 
 def test_the_thinking_base_records_its_world(quick, tiny_base):
-    """A thinking base records data.reasoning_signature(); a base of the skills world, or of
+    """A thinking base records reasoning_signature(); a base of the skills world, or of
     another reasoning world, is not one."""
     settings = {"steps": 20, "n_layer": 1, "n_head": 2, "n_embd": 32, "p_think": 1.0}
     ckpt = torch.load(quick / "base.pt", weights_only=True)
-    assert ckpt["reasoning_world"] == data.reasoning_signature()
+    assert ckpt["reasoning_world"] == reasoning_signature()
     assert why_not_thinking_base(ckpt, settings) is None
     skills_base = torch.load(tiny_base, weights_only=True)
     assert skills_base["reasoning_world"] is None

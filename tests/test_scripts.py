@@ -1,7 +1,7 @@
 """
 Smoke tests of the scripts (lab/pretrain.py, train_sft.py, eval.py, and what train_sdft.py
-shares with train_sft.py) through subprocess, with tiny budgets: they run, write what they promise, are
-reproducible, show the time left, and fail cleanly on bad input.
+shares with train_sft.py) through subprocess, with tiny budgets: they run, write what they
+promise, are reproducible, show the time left, and fail cleanly on bad input.
 
     python -m pytest -q tests/test_scripts.py
 
@@ -26,7 +26,8 @@ from model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_SKILLS = list(PRIOR_SKILLS) + list(NEW_SKILLS)
-PRETRAIN = ["lab/pretrain.py", "--steps", 3, "--n-layer", 1, "--n-embd", 32, "--n-head", 2, "--device", "cpu"]
+PRETRAIN = ["lab/pretrain.py", "--steps", 3, "--n-layer", 1, "--n-embd", 32, "--n-head", 2,
+            "--device", "cpu"]
 METRICS = '{"step": 0, "loss": 1.0}\n'  # a run's metrics.jsonl, beside its checkpoint
 
 
@@ -59,7 +60,8 @@ def pretrain_runs(tmp_path_factory):
     """The same tiny pretraining run twice, side by side (seed 0).
     Returns {name: (out dir, returncode, stdout, stderr)}."""
     root = tmp_path_factory.mktemp("scripts")
-    procs = {name: start(*PRETRAIN, "--seed", 0, "--out", root / f"{name}.pt") for name in ("base", "base_again")}
+    procs = {name: start(*PRETRAIN, "--seed", 0, "--out", root / f"{name}.pt")
+             for name in ("base", "base_again")}
     return {name: (root / f"{name}.pt", *finish(proc)) for name, proc in procs.items()}
 
 
@@ -91,7 +93,8 @@ def test_pretrain_smoke(pretrain_runs):
     assert model.config.vocab_size == 42
     assert {"model", "model_config", "args", "world"} <= set(ckpt)
     assert not {"optimizer", "data_rng", "torch_rng"} & set(ckpt)  # a base: no training state
-    assert ckpt["args"]["steps"] == 3 and ckpt["world"] == world_signature() and ckpt["knowledge_world"] is None
+    assert (ckpt["args"]["steps"] == 3 and ckpt["world"] == world_signature()
+            and ckpt["knowledge_world"] is None)
 
 
 def test_pretrain_reproducible(pretrain_runs):
@@ -112,25 +115,31 @@ def test_pretrain_reproducible(pretrain_runs):
 
 def test_sft_smoke(base_ckpt, tmp_path):
     out = tmp_path / "sft"
-    rc, stdout, stderr = run("train_sft.py", "--init", base_ckpt, "--skills", "jab,mug", "--steps", 2,
-                             "--eval-every", 1, "--eval-n", 4, "--device", "cpu", "--out", out)
+    rc, stdout, stderr = run("train_sft.py", "--init", base_ckpt, "--skills", "jab,mug",
+                             "--steps", 2, "--eval-every", 1, "--eval-n", 4, "--device", "cpu",
+                             "--out", out)
     assert rc == 0, stderr
     assert "Traceback" not in stderr
     records = read_metrics(out)
     stages = [r for r in records if "accuracy" in r]
     assert [(r["stage"], r["skill"]) for r in stages] == [(0, "jab"), (1, "mug")]
     for r in stages:
-        assert list(r["accuracy"]) == ALL_SKILLS and all(0 <= a <= 1 for a in r["accuracy"].values())
+        assert (list(r["accuracy"]) == ALL_SKILLS
+                and all(0 <= a <= 1 for a in r["accuracy"].values()))
     steps = [r for r in records if "loss" in r]
-    assert [(r["skill"], r["step"]) for r in steps] == [("jab", 0), ("jab", 1), ("mug", 0), ("mug", 1)]
+    assert ([(r["skill"], r["step"]) for r in steps]
+            == [("jab", 0), ("jab", 1), ("mug", 0), ("mug", 1)])
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
     evals = [r for r in records if "val_acc" in r]  # --eval-every 1: before each step
-    assert [(r["skill"], r["step"]) for r in evals] == [("jab", 0), ("jab", 1), ("mug", 0), ("mug", 1)]
+    assert ([(r["skill"], r["step"]) for r in evals]
+            == [("jab", 0), ("jab", 1), ("mug", 0), ("mug", 1)])
     model, ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["stage"] == 1 and ckpt["skills"] == ["jab", "mug"]
-    assert (model.config.n_layer, model.config.n_embd) == (1, 32)  # size read from the base checkpoint
+    # size read from the base checkpoint
+    assert (model.config.n_layer, model.config.n_embd) == (1, 32)
     base, _ = load_checkpoint(str(base_ckpt))
-    assert any(not torch.equal(p, q) for p, q in zip(model.state_dict().values(), base.state_dict().values()))
+    assert any(not torch.equal(p, q)
+               for p, q in zip(model.state_dict().values(), base.state_dict().values()))
 
 
 def test_keep_best_ends_on_the_best_validation(base_ckpt, tmp_path):
@@ -138,16 +147,18 @@ def test_keep_best_ends_on_the_best_validation(base_ckpt, tmp_path):
     weights of the best validation, the earliest on a tie, with its step count in the record.
     The tiny base validates at 0 throughout, so the kept weights are the starting ones (and so
     is SDFT's EMA teacher), though 4 steps at a high rate have moved the model."""
-    flags = ["--init", base_ckpt, "--skills", "jab", "--steps", 4, "--eval-every", 2, "--eval-n", 4, "--lr", 1e-2,
-             "--warmup", 0, "--batch-size", 4, "--device", "cpu", "--keep-best"]
-    procs = {script: start(script, *flags, "--out", tmp_path / script) for script in ("train_sft.py", "train_sdft.py")}
+    flags = ["--init", base_ckpt, "--skills", "jab", "--steps", 4, "--eval-every", 2, "--eval-n", 4,
+             "--lr", 1e-2, "--warmup", 0, "--batch-size", 4, "--device", "cpu", "--keep-best"]
+    procs = {script: start(script, *flags, "--out", tmp_path / script)
+             for script in ("train_sft.py", "train_sdft.py")}
     base, _ = load_checkpoint(str(base_ckpt))
     for script, proc in procs.items():
         rc, _, stderr = finish(proc)
         assert rc == 0, stderr
         records = read_metrics(tmp_path / script)
         evals = [(r["step"], r["val_acc"]) for r in records if "val_acc" in r]
-        assert [step for step, _ in evals] == [0, 2, 4]  # the last weights (after step 4) are validated too
+        # the last weights (after step 4) are validated too
+        assert [step for step, _ in evals] == [0, 2, 4]
         best_step, best_acc = max(evals, key=lambda e: (e[1], -e[0]))  # the earliest best
         assert [r["steps"] for r in records if "accuracy" in r] == [best_step]
         model, ckpt = load_checkpoint(str(tmp_path / script / "ckpt.pt"))
@@ -156,8 +167,10 @@ def test_keep_best_ends_on_the_best_validation(base_ckpt, tmp_path):
             for w in weights:
                 assert all(torch.equal(w[k], v) for k, v in base.state_dict().items()), script
         else:  # (not with this base, but then) the kept weights validate as the best did
-            assert evaluate(model, Tokenizer(), ["jab"], torch.device("cpu"), split="val", n=4)["jab"] == best_acc
-        assert len([r for r in records if "loss" in r]) == 4  # the budget ran: the weights kept are not simply the last
+            assert evaluate(model, Tokenizer(), ["jab"], torch.device("cpu"), split="val",
+                            n=4)["jab"] == best_acc
+        # the budget ran: the weights kept are not simply the last
+        assert len([r for r in records if "loss" in r]) == 4
 
 
 def test_sft_first_step_loss_and_dft(base_ckpt, tmp_path):
@@ -169,30 +182,60 @@ def test_sft_first_step_loss_and_dft(base_ckpt, tmp_path):
     import torch.nn.functional as F
 
     from data import Tokenizer, sft_batch, skill_examples
-    from sdft import dft_loss
-    procs = {dft: start("train_sft.py", "--init", base_ckpt, "--skills", "jab", "--steps", 1, "--batch-size", 4,
-                        "--eval-n", 2, "--seed", 5, "--device", "cpu", "--out", tmp_path / f"dft{dft}", *(["--dft"] * dft))
+    procs = {dft: start("train_sft.py", "--init", base_ckpt, "--skills", "jab", "--steps", 1,
+                        "--batch-size", 4, "--eval-n", 2, "--seed", 5, "--device", "cpu",
+                        "--out", tmp_path / f"dft{dft}", *(["--dft"] * dft))
              for dft in (False, True)}
     model, _ = load_checkpoint(str(base_ckpt))
     prompts, targets, _ = skill_examples(random.Random(5), "jab", 4, "expert")
     ids, mask, loss_mask = sft_batch(Tokenizer(), prompts, targets)
     with torch.no_grad():
-        nll = F.cross_entropy(model(ids[:, :-1], mask[:, :-1]).transpose(1, 2), ids[:, 1:], reduction="none")
+        nll = F.cross_entropy(model(ids[:, :-1], mask[:, :-1]).transpose(1, 2), ids[:, 1:],
+                              reduction="none")
     weights = loss_mask[:, 1:].float()
     for dft, proc in procs.items():
         rc, _, stderr = finish(proc)
         assert rc == 0, stderr
         logged = [r["loss"] for r in read_metrics(tmp_path / f"dft{dft}") if "loss" in r][0]
-        expected = ((dft_loss(nll) if dft else nll) * weights).sum() / weights.sum()
+        per_token = torch.exp(-nll) * nll if dft else nll  # DFT: p(y) * -log p(y)
+        expected = (per_token * weights).sum() / weights.sum()
         assert logged == pytest.approx(expected.item(), rel=1e-5), dft
+
+
+def script_function(script, name):
+    """A function of a flat script, compiled alone from the script's source (without running
+    the script), so that a test can pin what it computes."""
+    import ast
+    tree = ast.parse((ROOT / script).read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"torch": torch}
+    exec(compile(ast.Module([node], type_ignores=[]), script, "exec"), namespace)
+    return namespace[name]
+
+
+def test_dft_loss_value_and_detached_weight():
+    """DFT (train_sft.py's dft_loss): p(y) * -log p(y), where p(y) is a constant: the gradient
+    is p(y) times SFT's."""
+    import numpy as np
+    dft_loss = script_function("train_sft.py", "dft_loss")
+    logits = torch.tensor([[1.0, 2.0, 0.5]], requires_grad=True)
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor([1]), reduction="none")
+    p = math.exp(-nll.item())
+    loss = dft_loss(nll)
+    assert loss.item() == pytest.approx(p * -math.log(p), rel=1e-6)
+    loss.backward()
+    softmax = np.exp([1.0, 2.0, 0.5]) / np.exp([1.0, 2.0, 0.5]).sum()
+    expected = p * (softmax - np.eye(3)[1])  # d/dlogits of p * nll, p held fixed
+    np.testing.assert_allclose(logits.grad[0].numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_step_lines_end_with_time_left(base_ckpt, tmp_path):
     """Both training scripts end every step line with the time left in the stage ('eta 1m05s'
     or 'eta 42s'), which is 0s at the last step of each stage."""
-    tiny = ["--init", base_ckpt, "--skills", "jab,mug", "--steps", 3, "--eval-every", 100, "--eval-n", 2,
-            "--batch-size", 2, "--device", "cpu"]
-    procs = {script: start(script, *tiny, "--out", tmp_path / script) for script in ("train_sft.py", "train_sdft.py")}
+    tiny = ["--init", base_ckpt, "--skills", "jab,mug", "--steps", 3, "--eval-every", 100,
+            "--eval-n", 2, "--batch-size", 2, "--device", "cpu"]
+    procs = {script: start(script, *tiny, "--out", tmp_path / script)
+             for script in ("train_sft.py", "train_sdft.py")}
     for script, proc in procs.items():
         rc, stdout, stderr = finish(proc)
         assert rc == 0, (script, stderr)
@@ -200,7 +243,8 @@ def test_step_lines_end_with_time_left(base_ckpt, tmp_path):
         assert len(lines) == 6, (script, stdout)
         for line in lines:
             assert re.search(r" \| eta ([1-9]\d*m[0-5]\ds|[1-5]?\ds)$", line), (script, line)
-        assert all(line.endswith("| eta 0s") for line in lines[2::3]), (script, lines)  # the last step of each stage
+        # the last step of each stage
+        assert all(line.endswith("| eta 0s") for line in lines[2::3]), (script, lines)
 
 
 # -----------------------------------------------------------------------------
@@ -229,7 +273,8 @@ def test_eval_smoke(base_ckpt):
 
 def test_eval_sampled_is_seeded(base_ckpt):
     """--temperature 1 samples: the same --seed prints the same table, and says it sampled."""
-    outs = [run("eval.py", "--ckpt", base_ckpt, "--n", 4, "--device", "cpu", "--temperature", 1, "--seed", 3)
+    outs = [run("eval.py", "--ckpt", base_ckpt, "--n", 4, "--device", "cpu", "--temperature", 1,
+                "--seed", 3)
             for _ in range(2)]
     assert all(rc == 0 for rc, _, _ in outs), outs[0][2]
     assert "sampled (temperature 1)" in outs[0][1]
@@ -240,7 +285,8 @@ def test_eval_sampled_is_seeded(base_ckpt):
 # -----------------------------------------------------------------------------
 # bad input: a non-zero exit and one "error:" line, never a traceback
 
-BAD_INPUTS = [  # (script and flags, text the error line must contain); {base} {missing} {corrupt} are paths
+# (script and flags, text the error line must contain); {base} {missing} {corrupt} are paths
+BAD_INPUTS = [
     (["eval.py", "--ckpt", "{missing}"], "no checkpoint"),
     (["eval.py", "--ckpt", "{corrupt}"], "not a readable checkpoint"),
     (["eval.py", "--ckpt", "{base}", "--skills", "jab,nope"], "nope"),
@@ -281,8 +327,9 @@ def bad_runs(base_ckpt, tmp_path_factory):
             args += ["--out", str(tmp / "new.pt")]
         cases.append((args, needle))
     # fails at its second step: a huge learning rate makes the loss non-finite
-    cases.append((["train_sft.py", "--init", str(base_ckpt), "--skills", "jab", "--steps", "3", "--lr", "1e30",
-                   "--warmup", "0", "--eval-every", "100", "--eval-n", "2", "--out", str(tmp / "out_late")],
+    cases.append((["train_sft.py", "--init", str(base_ckpt), "--skills", "jab", "--steps", "3",
+                   "--lr", "1e30", "--warmup", "0", "--eval-every", "100", "--eval-n", "2",
+                   "--out", str(tmp / "out_late")],
                   "non-finite loss"))
     procs = [start(*args, "--device", "cpu") for args, _ in cases]
     results = [(args, needle, *finish(proc)[::2]) for (args, needle), proc in zip(cases, procs)]
@@ -341,12 +388,14 @@ def test_pretrain_keeps_a_base_finetuning_reruns(base_ckpt, tmp_path):
     shutil.copy2(base_ckpt, tmp_path / "finetuned" / "ckpt.pt")
     before = ((tmp_path / "kept.pt").read_bytes(), (tmp_path / "kept.pt").stat().st_mtime_ns)
     procs = {"kept": start(*PRETRAIN, "--out", tmp_path / "kept.pt"),
-             "finetuned": start("train_sft.py", "--init", base_ckpt, "--skills", "jab", "--steps", 1, "--eval-n", 2,
-                                "--batch-size", 2, "--device", "cpu", "--out", tmp_path / "finetuned")}
+             "finetuned": start("train_sft.py", "--init", base_ckpt, "--skills", "jab",
+                                "--steps", 1, "--eval-n", 2, "--batch-size", 2, "--device", "cpu",
+                                "--out", tmp_path / "finetuned")}
     results = {name: finish(proc) for name, proc in procs.items()}
     rc, _, stderr = results["kept"]
     check_clean_error(rc, stderr, "already exists", "pretrain over a checkpoint")
-    assert ((tmp_path / "kept.pt").read_bytes(), (tmp_path / "kept.pt").stat().st_mtime_ns) == before
+    assert ((tmp_path / "kept.pt").read_bytes(),
+            (tmp_path / "kept.pt").stat().st_mtime_ns) == before
     rc, _, stderr = results["finetuned"]
     assert rc == 0, stderr
     _, ckpt = load_checkpoint(str(tmp_path / "finetuned" / "ckpt.pt"))

@@ -1,5 +1,6 @@
 """
-Tests of the SDFT algorithm (sdft.py) and its training script (train_sdft.py).
+Tests of the SDFT algorithm (sdft.py) and its training script (train_sdft.py); the lab's
+variants of it are tested in test_variants.py.
 
     python -m pytest -q tests/test_sdft.py
 
@@ -27,8 +28,8 @@ from data import (NEW_SKILLS, PRIOR_SKILLS, Tokenizer, demonstration, encode_pro
                   eval_queries, skill_examples, student_prompt, teacher_prompt)
 from eval import kl_from_base  # noqa: E402
 from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
-from sdft import (agreed_prefix, completion_logits, dft_loss, ema_update, loss_mask, make_teacher, masked_mean,  # noqa: E402
-                  per_token_divergence, rollout, sampled_cross_entropy, sampled_token_loss, score, topk_forward_kl)
+from sdft import (completion_logits, ema_update, loss_mask, make_teacher, masked_mean,  # noqa: E402
+                  per_token_divergence, rollout, score, sdft_loss)
 
 TOK = Tokenizer()
 EOT = TOK.eot_id
@@ -81,7 +82,8 @@ CASES = [  # (student logits, teacher logits) over 2, 3 and 4 tokens
 
 
 def div(student_logits, teacher_logits, alpha):
-    return per_token_divergence(torch.tensor(student_logits), torch.tensor(teacher_logits), alpha).item()
+    return per_token_divergence(torch.tensor(student_logits), torch.tensor(teacher_logits),
+                                alpha).item()
 
 
 # -----------------------------------------------------------------------------
@@ -106,7 +108,8 @@ def test_divergence_by_hand():
     m3 = (0.7 * 0.5 + 0.3 * 0.9, 0.7 * 0.5 + 0.3 * 0.1)  # M = 0.7 S + 0.3 T
     gjsd = 0.3 * (0.9 * math.log(0.9 / m3[0]) + 0.1 * math.log(0.1 / m3[1])) \
         + 0.7 * (0.5 * math.log(0.5 / m3[0]) + 0.5 * math.log(0.5 / m3[1]))
-    assert forward == pytest.approx(0.368064, abs=1e-6) and reverse == pytest.approx(0.510826, abs=1e-6)
+    assert (forward == pytest.approx(0.368064, abs=1e-6)
+            and reverse == pytest.approx(0.510826, abs=1e-6))
     assert div(s, t, 0.0) == pytest.approx(forward, abs=1e-6)
     assert div(s, t, 1.0) == pytest.approx(reverse, abs=1e-6)
     assert div(s, t, 0.5) == pytest.approx(jsd, abs=1e-6)
@@ -140,9 +143,11 @@ def test_ends_are_the_kls_not_the_vanishing_jsd():
 def test_symmetric_jsd_is_symmetric():
     torch.manual_seed(0)
     s, t = torch.randn(5, 7, 11) * 2, torch.randn(5, 7, 11) * 2
-    torch.testing.assert_close(per_token_divergence(s, t, 0.5), per_token_divergence(t, s, 0.5), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(per_token_divergence(s, t, 0.5), per_token_divergence(t, s, 0.5),
+                               atol=1e-6, rtol=1e-5)
     # while the KLs are not
-    assert not torch.allclose(per_token_divergence(s, t, 0.0), per_token_divergence(t, s, 0.0), atol=1e-3)
+    assert not torch.allclose(per_token_divergence(s, t, 0.0), per_token_divergence(t, s, 0.0),
+                              atol=1e-3)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.3, 0.5, 0.9, 1.0])
@@ -168,21 +173,14 @@ def test_divergence_finite_with_huge_negative_logits(alpha):
     assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
     # same support, different shape: the value is the ordinary one on the support
     row_s, row_t = [0.0, 1.0], [0.5, 0.0]
-    same = per_token_divergence(torch.tensor([0.0, -1e9, 1.0, -1e9]), torch.tensor([0.5, -1e9, 0.0, -1e9]), alpha)
+    same = per_token_divergence(torch.tensor([0.0, -1e9, 1.0, -1e9]),
+                                torch.tensor([0.5, -1e9, 0.0, -1e9]), alpha)
     assert same.item() == pytest.approx(np_divergence(row_s, row_t, alpha), rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize("fn", ["divergence", "topk", "sampled"])
-def test_output_shape(fn):
+def test_output_shape():
     B, C, V = 3, 5, 9
-    s, t = torch.randn(B, C, V), torch.randn(B, C, V)
-    if fn == "divergence":
-        out = per_token_divergence(s, t, 0.5)
-    elif fn == "topk":
-        out = topk_forward_kl(s, t, 4)
-    else:
-        out = sampled_token_loss(s, t, torch.randint(V, (B, C)))
-    assert out.shape == (B, C)
+    assert per_token_divergence(torch.randn(B, C, V), torch.randn(B, C, V), 0.5).shape == (B, C)
 
 
 def test_forward_kl_gradient_is_softmax_difference():
@@ -192,96 +190,10 @@ def test_forward_kl_gradient_is_softmax_difference():
     t = torch.randn(2, 3, 6) * 2
     per_token_divergence(s, t, alpha=0.0).sum().backward()
     s_np, t_np = s.detach().numpy(), t.numpy()
-    expected = np.stack([np.stack([np_softmax(s_np[b, c]) - np_softmax(t_np[b, c]) for c in range(3)]) for b in range(2)])
+    expected = np.stack([np.stack([np_softmax(s_np[b, c]) - np_softmax(t_np[b, c])
+                                   for c in range(3)])
+                         for b in range(2)])
     np.testing.assert_allclose(s.grad.numpy(), expected, atol=1e-6)
-
-
-# -----------------------------------------------------------------------------
-# topk_forward_kl and sampled_token_loss
-
-def test_topk_with_tail_bounds_full_kl():
-    torch.manual_seed(3)
-    V = 12
-    s, t = torch.randn(4, 5, V) * 2, torch.randn(4, 5, V) * 2
-    full = per_token_divergence(s, t, 0.0)
-    for k in range(1, V):
-        approx = topk_forward_kl(s, t, k, tail=True)
-        assert torch.isfinite(approx).all()
-        assert (approx <= full + 1e-5).all(), k
-        assert (approx >= -1e-6).all(), k
-    torch.testing.assert_close(topk_forward_kl(s, t, V, tail=True), full, rtol=1e-4, atol=2e-5)
-    torch.testing.assert_close(topk_forward_kl(s, t, V, tail=False), full, rtol=1e-5, atol=2e-6)
-    assert torch.isfinite(topk_forward_kl(s, t, 3, tail=False)).all()
-
-
-def test_topk_by_hand():
-    s, t = [0.0, 1.0, -0.5, 0.3], [2.0, -1.0, 0.5, 0.0]  # teacher's top 2: tokens 0 and 2
-    ps, pt = np_softmax(s), np_softmax(t)
-    top = [0, 2]
-    tail_t, tail_s = 1 - pt[top].sum(), 1 - ps[top].sum()
-    with_tail = np_kl(list(pt[top]) + [tail_t], list(ps[top]) + [tail_s])
-    renormed = np_kl(pt[top] / pt[top].sum(), ps[top] / ps[top].sum())
-    st, tt = torch.tensor(s), torch.tensor(t)
-    assert topk_forward_kl(st, tt, 2, tail=True).item() == pytest.approx(with_tail, rel=1e-5)
-    assert topk_forward_kl(st, tt, 2, tail=False).item() == pytest.approx(renormed, rel=1e-5)
-
-
-def test_sampled_token_loss_value_and_detached_weight():
-    torch.manual_seed(4)
-    B, C, V = 2, 3, 5
-    s = (torch.randn(B, C, V) * 2).requires_grad_(True)
-    t = torch.randn(B, C, V) * 2
-    y = torch.randint(V, (B, C))
-    loss = sampled_token_loss(s, t, y)
-    loss.sum().backward()
-    for b in range(B):
-        for c in range(C):
-            ps, pt = np_softmax(s[b, c].detach().numpy()), np_softmax(t[b, c].numpy())
-            yi = y[b, c].item()
-            log_s, log_t = math.log(ps[yi]), math.log(pt[yi])
-            assert loss[b, c].item() == pytest.approx((log_s - log_t) * log_s, rel=1e-5, abs=1e-6)
-            # d log S(y) / d logits = onehot(y) - S; the weight (log S(y) - log T(y)) is a constant
-            expected = (log_s - log_t) * (np.eye(V)[yi] - ps)
-            np.testing.assert_allclose(s.grad[b, c].numpy(), expected, atol=1e-6)
-
-
-def test_sampled_cross_entropy_value_and_gradient():
-    """-log S(y) at the given tokens; its gradient is S - onehot(y), the SFT gradient."""
-    torch.manual_seed(5)
-    s = (torch.randn(2, 3, 5) * 2).requires_grad_(True)
-    y = torch.randint(5, (2, 3))
-    loss = sampled_cross_entropy(s, y)
-    loss.sum().backward()
-    for b in range(2):
-        for c in range(3):
-            ps = np_softmax(s[b, c].detach().numpy())
-            assert loss[b, c].item() == pytest.approx(-math.log(ps[y[b, c]]), rel=1e-5)
-            np.testing.assert_allclose(s.grad[b, c].numpy(), ps - np.eye(5)[y[b, c]], atol=1e-6)
-
-
-def test_forward_kl_to_a_sure_teacher_is_cross_entropy():
-    """When the teacher is sure of the sampled token, forward KL and cross-entropy on it have the
-    same gradient: offline distillation on the teacher's samples is then SFT on them."""
-    torch.manual_seed(6)
-    s1 = torch.randn(4, 5, requires_grad=True)
-    s2 = s1.detach().clone().requires_grad_(True)
-    y = torch.randint(5, (4,))
-    sure = torch.full((4, 5), -1e4).scatter(1, y[:, None], 0.0)  # all the teacher's mass on y
-    per_token_divergence(s1, sure, 0.0).sum().backward()
-    sampled_cross_entropy(s2[:, None], y[:, None]).sum().backward()
-    torch.testing.assert_close(s1.grad, s2.grad)
-
-
-def test_dft_loss_value_and_detached_weight():
-    """DFT: p(y) * -log p(y), where p(y) is a constant: the gradient is p(y) times SFT's."""
-    logits = torch.tensor([[1.0, 2.0, 0.5]], requires_grad=True)
-    nll = torch.nn.functional.cross_entropy(logits, torch.tensor([1]), reduction="none")
-    p = math.exp(-nll.item())
-    loss = dft_loss(nll)
-    assert loss.item() == pytest.approx(p * -math.log(p), rel=1e-6)
-    loss.backward()
-    expected = p * (np_softmax([1.0, 2.0, 0.5]) - np.eye(3)[1])  # d/dlogits of p * nll, p held fixed
-    np.testing.assert_allclose(logits.grad[0].numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +243,8 @@ def test_rollout_real_model_mask_and_backward():
     assert completion.shape == completion_mask.shape and completion.shape[0] == len(prompts)
     assert torch.equal(completion_mask, reference_completion_mask(completion))
     ends = completion_mask.sum(1)
-    assert (ends < completion.shape[1]).any() and (ends == completion.shape[1]).any()  # both kinds of rows present
+    # both kinds of rows present
+    assert (ends < completion.shape[1]).any() and (ends == completion.shape[1]).any()
     # finished rows hold end-of-text after their end
     for row, n in zip(completion.tolist(), ends.tolist()):
         assert all(tok == EOT for tok in row[n:])
@@ -346,7 +259,8 @@ def test_rollout_real_model_mask_and_backward():
 # alignment of student and teacher over the shared completion
 
 def padded_completions(texts_and_ends, C):
-    """[(text, ended)] -> completion (B, C) right-filled with end-of-text, completion_mask, lengths."""
+    """[(text, ended)] -> completion (B, C) right-filled with end-of-text, completion_mask,
+    lengths."""
     rows, lengths = [], []
     for text, ended in texts_and_ends:
         tokens = TOK.encode(text) + ([EOT] if ended else [])
@@ -361,16 +275,18 @@ def test_score_rows_match_rows_scored_alone():
     student, teacher = tiny_model(0), tiny_model(1)
     queries, styles = ["abc", "abcdefg", "dcbae"], ["expert", "own", "expert"]
     students = [student_prompt("jab", q) for q in queries]
-    teachers = [teacher_prompt("jab", q, demonstration(NEW_SKILLS["jab"](q), st)) for q, st in zip(queries, styles)]
+    teachers = [teacher_prompt("jab", q, demonstration(NEW_SKILLS["jab"](q), st))
+                for q, st in zip(queries, styles)]
     student_ids, student_mask = encode_prompts(TOK, students)
     teacher_ids, teacher_mask = encode_prompts(TOK, teachers)
     assert (student_mask == 0).any() and (teacher_mask == 0).any()  # both batches are padded
     assert student_ids.shape[1] != teacher_ids.shape[1]
     C = 8
-    completion, completion_mask, lengths = padded_completions([("bca", True), ("bcdefgab", False), ("z", True)], C)
+    completion, completion_mask, lengths = padded_completions(
+        [("bca", True), ("bcdefgab", False), ("z", True)], C)
     assert lengths == [4, 8, 2]
-    student_logits, teacher_logits = score(student, teacher, student_ids, student_mask, teacher_ids, teacher_mask,
-                                           completion, completion_mask)
+    student_logits, teacher_logits = score(student, teacher, student_ids, student_mask, teacher_ids,
+                                           teacher_mask, completion, completion_mask)
     assert student_logits.shape == teacher_logits.shape == (3, C, TOK.vocab_size)
     assert student_logits.requires_grad and not teacher_logits.requires_grad
     for i, n in enumerate(lengths):
@@ -405,12 +321,14 @@ def test_zero_loss_and_gradient_when_teacher_sees_the_student_prompt():
     teacher = make_teacher(student, "ema")
     students, _, teachers = skill_examples(random.Random(0), "mug", 4, "expert")
     student_ids, student_mask = encode_prompts(TOK, students)
-    completion, completion_mask = rollout(student, student_ids, student_mask, 10, EOT, torch.Generator().manual_seed(0))
+    completion, completion_mask = rollout(student, student_ids, student_mask, 10, EOT,
+                                          torch.Generator().manual_seed(0))
     mask = loss_mask(completion_mask, skip=0)
     for alpha in (0.0, 0.5, 1.0):
         student.zero_grad(set_to_none=True)
-        student_logits, teacher_logits = score(student, teacher, student_ids, student_mask, student_ids.clone(),
-                                               student_mask.clone(), completion, completion_mask)
+        student_logits, teacher_logits = score(student, teacher, student_ids, student_mask,
+                                               student_ids.clone(), student_mask.clone(),
+                                               completion, completion_mask)
         loss = masked_mean(per_token_divergence(student_logits, teacher_logits, alpha), mask)
         assert abs(loss.item()) < 1e-6, alpha
         loss.backward()
@@ -419,8 +337,8 @@ def test_zero_loss_and_gradient_when_teacher_sees_the_student_prompt():
     # contrast: the demonstration-conditioned prompt gives a real loss and real gradients
     teacher_ids, teacher_mask = encode_prompts(TOK, teachers)
     student.zero_grad(set_to_none=True)
-    student_logits, teacher_logits = score(student, teacher, student_ids, student_mask, teacher_ids, teacher_mask,
-                                           completion, completion_mask)
+    student_logits, teacher_logits = score(student, teacher, student_ids, student_mask, teacher_ids,
+                                           teacher_mask, completion, completion_mask)
     loss = masked_mean(per_token_divergence(student_logits, teacher_logits, 0.0), mask)
     loss.backward()
     assert loss.item() > 1e-3 and student.wte.weight.grad.abs().max() > 1e-4
@@ -434,7 +352,8 @@ def test_live_teacher_logits_are_detached():
     students, _, teachers = skill_examples(random.Random(1), "jab", 3, "expert")
     s_ids, s_mask = encode_prompts(TOK, students)
     t_ids, t_mask = encode_prompts(TOK, teachers)
-    completion, completion_mask = padded_completions([("bca", True), ("abcdef", False), ("ddd", True)], 6)[:2]
+    completion, completion_mask = padded_completions(
+        [("bca", True), ("abcdef", False), ("ddd", True)], 6)[:2]
     grads = []
     for teacher in (make_teacher(student, "live"), copy_teacher):
         student.zero_grad(set_to_none=True)
@@ -449,9 +368,11 @@ def test_live_teacher_logits_are_detached():
 # masks
 
 def test_loss_mask():
-    completion_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0],
+                                    [1, 1, 1, 1, 1, 0]])
     for skip in (0, 1, 2, 3, 6, 9):
-        expected = [[int(m == 1 and j >= skip) for j, m in enumerate(row)] for row in completion_mask.tolist()]
+        expected = [[int(m == 1 and j >= skip) for j, m in enumerate(row)]
+                    for row in completion_mask.tolist()]
         assert loss_mask(completion_mask, skip).tolist() == expected, skip
     assert loss_mask(completion_mask).tolist()[0] == [0, 0, 0, 1, 1, 1]  # default: the authors' 3
 
@@ -481,21 +402,9 @@ def test_masked_positions_change_nothing(alpha):
     assert (g0[on] != 0).any()
     # masked_mean divides by the number of valid tokens of the whole batch
     values = per_token_divergence(s0, t0, alpha)
-    manual = sum(values[b, c].item() for b in range(B) for c in range(C) if mask[b, c]) / mask.sum().item()
+    manual = (sum(values[b, c].item() for b in range(B) for c in range(C) if mask[b, c])
+              / mask.sum().item())
     assert loss0.item() == pytest.approx(manual, rel=1e-5)
-
-
-def test_agreed_prefix_by_hand():
-    """Tokens up to and including the first one that is not the teacher's top-1; padding stays out."""
-    V = 5
-    teacher_top = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
-    teacher_logits = torch.nn.functional.one_hot(teacher_top, V).float() * 3.0  # (B, C, V)
-    completion = torch.tensor([[1, 2, 3, 4],   # all agreed
-                               [1, 0, 3, 4],   # the second is not the teacher's: it counts, the rest does not
-                               [0, 2, 3, 4]])  # the first is not
-    completion_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
-    expected = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]])
-    assert torch.equal(agreed_prefix(completion, teacher_logits, completion_mask), expected)
 
 
 def test_masked_mean_of_empty_mask_is_zero():
@@ -527,6 +436,46 @@ def test_kl_from_base():
         count += len(answer)
     assert kl > 0.01
     assert abs(kl - total / count) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# sdft_loss: one step's loss, the README's steps 1-4
+
+def test_sdft_loss_is_its_steps():
+    """sdft_loss = masked_mean(per_token_divergence(score(rollout))), with loss_mask's skip, on
+    the same rollout (the same generator seed); what it returns is what the script logs."""
+    student, teacher = tiny_model(0), tiny_model(1)  # another model: the teacher's logits matter
+    students, _, teachers = skill_examples(random.Random(0), "mug", 6, "expert")
+    s_ids, s_mask = encode_prompts(TOK, students)
+    t_ids, t_mask = encode_prompts(TOK, teachers)
+    for alpha, skip in ((0.0, 0), (1.0, 2), (0.5, 1)):
+        loss, step = sdft_loss(student, teacher, s_ids, s_mask, t_ids, t_mask, 10, EOT, alpha,
+                               skip, torch.Generator().manual_seed(4))
+        completion, completion_mask = rollout(student, s_ids, s_mask, 10, EOT,
+                                              torch.Generator().manual_seed(4))
+        assert torch.equal(step["completion"], completion)
+        assert torch.equal(step["completion_mask"], completion_mask)
+        s_logits, t_logits = score(student, teacher, s_ids, s_mask, t_ids, t_mask, completion,
+                                   completion_mask)
+        per_token = per_token_divergence(s_logits, t_logits, alpha)
+        expected = masked_mean(per_token, loss_mask(completion_mask, skip))
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert step["kl"].item() == pytest.approx(masked_mean(per_token, completion_mask).item())
+        assert step["length"].item() == completion_mask.sum(1).float().mean().item()
+        assert step["ended"].item() == (completion == EOT).any(1).float().mean().item()
+        assert torch.equal(step["mask"], loss_mask(completion_mask, skip))
+        assert step["rollout_s"] > 0
+
+
+def test_sdft_loss_trains_the_student_only():
+    student, teacher = tiny_model(0), make_teacher(tiny_model(1), "ema")
+    students, _, teachers = skill_examples(random.Random(1), "jab", 4, "expert")
+    loss, _ = sdft_loss(student, teacher, *encode_prompts(TOK, students),
+                        *encode_prompts(TOK, teachers), 8, EOT,
+                        generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert student.wte.weight.grad.abs().max() > 0
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 # -----------------------------------------------------------------------------
@@ -588,8 +537,10 @@ def test_teacher_during_training(kind):
         s_ids, s_mask = encode_prompts(TOK, students)
         t_ids, t_mask = encode_prompts(TOK, teachers)
         completion, completion_mask = rollout(student, s_ids, s_mask, 6, EOT, generator)
-        student_logits, teacher_logits = score(student, teacher, s_ids, s_mask, t_ids, t_mask, completion, completion_mask)
-        loss = masked_mean(per_token_divergence(student_logits, teacher_logits, 0.0), loss_mask(completion_mask, 0))
+        student_logits, teacher_logits = score(student, teacher, s_ids, s_mask, t_ids, t_mask,
+                                               completion, completion_mask)
+        loss = masked_mean(per_token_divergence(student_logits, teacher_logits, 0.0),
+                           loss_mask(completion_mask, 0))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -608,7 +559,8 @@ def test_teacher_during_training(kind):
     else:
         for n in moved:
             assert not torch.equal(teacher_params[n], init[n]), n
-            torch.testing.assert_close(teacher_params[n].double(), expected_teacher[n], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(teacher_params[n].double(), expected_teacher[n], atol=1e-6,
+                                       rtol=1e-6)
             assert teacher_params[n].grad is None
         assert teacher.lm_head.weight is teacher.wte.weight
 
@@ -631,16 +583,17 @@ def base_ckpt(tiny_base):
     return tiny_base
 
 
-SDFT_ARGS = ["--skills", "jab,mug", "--steps", 2, "--eval-every", 1, "--eval-n", 4, "--max-new-tokens", 8,
-             "--batch-size", 8, "--device", "cpu", "--seed", 3]
+SDFT_ARGS = ["--skills", "jab,mug", "--steps", 2, "--eval-every", 1, "--eval-n", 4,
+             "--max-new-tokens", 8, "--batch-size", 8, "--device", "cpu", "--seed", 3]
 
 
 @pytest.fixture(scope="module")
 def sdft_runs(base_ckpt, tmp_path_factory):
     """The same command twice, run side by side: (out dir, completed process) for each."""
     outs = [tmp_path_factory.mktemp("sdft") / f"sdft{i}" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "train_sdft.py", "--init", str(base_ckpt), *map(str, SDFT_ARGS),
-                               "--out", str(out)], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "train_sdft.py", "--init", str(base_ckpt),
+                               *map(str, SDFT_ARGS), "--out", str(out)],
+                              cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for out in outs]
     results = []
     for out, proc in zip(outs, procs):
@@ -675,7 +628,8 @@ def test_train_sdft_smoke(sdft_runs):
     assert {r["skill"] for r in steps} <= {"jab", "mug"} and all(r["step"] in (0, 1) for r in steps)
     model, ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["stage"] == 1 and ckpt["skills"] == ["jab", "mug"]
-    assert model.config.n_layer == 1 and model.config.n_embd == 32  # size read from the base checkpoint
+    # size read from the base checkpoint
+    assert model.config.n_layer == 1 and model.config.n_embd == 32
 
 
 def test_train_sdft_reproducible(sdft_runs):
@@ -684,100 +638,53 @@ def test_train_sdft_reproducible(sdft_runs):
     losses_a = [r["loss"] for r in read_metrics(out_a) if "loss" in r]
     losses_b = [r["loss"] for r in read_metrics(out_b) if "loss" in r]
     assert losses_a and losses_a == losses_b
-    a, b = torch.load(out_a / "ckpt.pt", weights_only=True), torch.load(out_b / "ckpt.pt", weights_only=True)
+    a, b = (torch.load(out_a / "ckpt.pt", weights_only=True),
+            torch.load(out_b / "ckpt.pt", weights_only=True))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def first_step_loss(init, variant, seed=3, batch_size=4, teacher_ckpt=None):
-    """The loss of train_sdft.py's first step, computed here from sdft.py's functions: the same
-    queries (data stream seed), rollouts (generator seed) and weights, for a variant of flags."""
-    student, _ = load_checkpoint(str(init))
-    teacher = load_checkpoint(str(teacher_ckpt))[0] if teacher_ckpt else student  # at step 0 ema = base = student
-    students, _, teachers = skill_examples(random.Random(seed), "jab", batch_size, "expert")
-    if variant.get("--teacher-sees") == "query":
-        teachers = students
-    s_ids, s_mask = encode_prompts(TOK, students)
-    t_ids, t_mask = encode_prompts(TOK, teachers)
-    with torch.no_grad():
-        sampler = (teacher, t_ids, t_mask) if variant.get("--rollout") == "teacher" else (student, s_ids, s_mask)
-        completion, completion_mask = rollout(*sampler, 8, EOT, torch.Generator().manual_seed(seed))
-        student_logits, teacher_logits = score(student, teacher, s_ids, s_mask, t_ids, t_mask, completion, completion_mask)
-    if variant.get("--loss") == "ce":
-        per_token = sampled_cross_entropy(student_logits, completion)
-    else:
-        per_token = per_token_divergence(student_logits, teacher_logits, float(variant.get("--alpha", 0)))
-    mask = loss_mask(completion_mask, int(variant.get("--skip", 0)))
-    if "--agreed-prefix" in variant:
-        mask = mask * agreed_prefix(completion, teacher_logits, completion_mask)
-    return masked_mean(per_token, mask).item()
-
-
-LOSS_VARIANTS = [  # each flag set must make train_sdft.py compute what first_step_loss computes
-    {},  # SDFT: the student samples, forward KL to the demonstration-conditioned teacher
-    {"--rollout": "teacher", "--teacher": "base"},  # offline distillation: the teacher's samples
-    {"--rollout": "teacher", "--teacher": "base", "--loss": "ce"},  # SFT on the teacher's samples
-    {"--alpha": "0.5", "--skip": "1"},
-    {"--teacher": "base", "--teacher-sees": "query", "--teacher-ckpt": "{other}"},  # re-invoke: no demonstration
-    {"--agreed-prefix": None},  # only the tokens up to the first one the teacher would not write
-]
-
-
-def test_train_sdft_variants_compute_what_they_say(base_ckpt, tmp_path):
-    """Who samples (--rollout), the loss (--loss), what the teacher sees (--teacher-sees) and
-    whose weights it has (--teacher-ckpt): the first logged loss of each run equals the loss
-    computed independently here. The re-invoke teacher is another model (the shipped base,
-    another size: only the vocabulary must match)."""
-    other = ROOT / "results" / "base" / "ckpt.pt"
-    runs = []
-    for i, variant in enumerate(LOSS_VARIANTS):
-        flags = [str(v).format(other=other) for kv in variant.items() for v in kv if v is not None]
-        out = tmp_path / f"variant{i}"
-        runs.append((variant, out, subprocess.Popen(
-            [sys.executable, "train_sdft.py", "--init", str(base_ckpt), "--skills", "jab", "--steps", "1",
-             "--eval-n", "2", "--batch-size", "4", "--max-new-tokens", "8", "--seed", "3", "--device", "cpu",
-             *flags, "--out", str(out)], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-    losses = []
-    for variant, out, proc in runs:
-        _, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 0, (variant, stderr)
-        logged = [r["loss"] for r in read_metrics(out) if "loss" in r][0]
-        expected = first_step_loss(base_ckpt, variant, teacher_ckpt=other if "--teacher-ckpt" in variant else None)
-        assert logged == pytest.approx(expected, rel=1e-5, abs=1e-6), variant
-        losses.append(logged)
-    assert len(set(losses)) == len(losses)  # and the variants do differ
-
-
-BAD_INPUTS = [  # (flags after --init BASE, text the error line must contain)
-    (["--loss", "ce"], "--rollout student"),  # the student imitating its own samples: no teacher in it
-    (["--loss", "ce", "--rollout", "teacher", "--teacher", "base", "--alpha", "1"], "--alpha"),
-    (["--teacher-sees", "query"], "--teacher base"),
-    (["--teacher-ckpt", "{missing}"], "--teacher base"),
-    (["--teacher", "base", "--teacher-ckpt", "{missing}"], "no checkpoint"),
-    (["--teacher", "base", "--teacher-ckpt", "{other_vocab}"], "the teacher must score the student's tokens"),
-    (["--alpha", "-0.1"], "--alpha"),
-    (["--alpha", "1.5"], "--alpha"),
-    (["--ema-rate", "0"], "--ema-rate"),
-    (["--ema-rate", "1.5"], "--ema-rate"),
-    (["--skip", "-1"], "--skip"),
-    (["--skills", "jab,nope"], "nope"),
-    (["--init", "{missing}"], "no checkpoint"),  # a later --init overrides the first
+LAB = ["lab/variants.py"]  # the lab's variants: flags of lab/variants.py, before the script's
+BAD_INPUTS = [  # (the command before the script, flags after --init BASE, text of the error)
+    ([], ["--alpha", "-0.1"], "--alpha"),
+    ([], ["--alpha", "1.5"], "--alpha"),
+    ([], ["--ema-rate", "0"], "--ema-rate"),
+    ([], ["--ema-rate", "1.5"], "--ema-rate"),
+    ([], ["--skip", "-1"], "--skip"),
+    ([], ["--skills", "jab,nope"], "nope"),
+    ([], ["--init", "{missing}"], "no checkpoint"),  # a later --init overrides the first
+    (LAB, ["--loss", "ce"], "--rollout student"),  # the student imitating its own samples
+    (LAB, ["--loss", "ce", "--rollout", "teacher", "--teacher", "base", "--alpha", "1"],
+     "--alpha"),
+    (LAB, ["--teacher-sees", "query"], "--teacher base"),
+    (LAB, ["--teacher-ckpt", "{missing}"], "--teacher base"),
+    (LAB, ["--teacher", "base", "--teacher-ckpt", "{missing}"], "no checkpoint"),
+    (LAB, ["--teacher", "base", "--teacher-ckpt", "{other_vocab}"],
+     "the teacher must score the student's tokens"),
+    (LAB, ["--agreed-prefix", "--cpt"], "--cpt needs --facts"),
+    (LAB, ["--context", "docs"], "unknown --context 'docs'"),
+    (LAB, ["--skills", "bux"], "unknown skill 'bux'"),  # a reasoning skill needs --reasoning
 ]
 
 
 def test_train_sdft_bad_input(base_ckpt, tmp_path):
-    """Each bad input: non-zero exit, one line on stderr starting with 'error:', no traceback."""
+    """Each bad input, to the script or to its lab variants: non-zero exit, one line on stderr
+    starting with 'error:', no traceback, no checkpoint written."""
     missing, other_vocab = str(tmp_path / "missing.pt"), str(tmp_path / "other-vocab.pt")
-    full = torch.load(base_ckpt, weights_only=False)  # a complete checkpoint of a model with another vocabulary
+    full = torch.load(base_ckpt, weights_only=False)  # a checkpoint of another vocabulary
     config = {**full["model_config"], "vocab_size": full["model_config"]["vocab_size"] + 8}
-    torch.save({**full, "model": GPT(GPTConfig(**config)).state_dict(), "model_config": config}, other_vocab)
-    tiny = ["--skills", "jab", "--steps", "1", "--eval-n", "2", "--batch-size", "2", "--max-new-tokens", "4"]
-    # the tiny budget comes first, so the bad flag overrides it; a check that is missing makes a quick, clean run
-    procs = [subprocess.Popen([sys.executable, "train_sdft.py", "--init", str(base_ckpt), *tiny,
-                               *[a.format(missing=missing, other_vocab=other_vocab) for a in flags], "--device", "cpu",
-                               "--out", str(tmp_path / "bad")],
-                              cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for flags, _ in BAD_INPUTS]  # side by side: each spends most of its time importing torch
-    for (flags, needle), proc in zip(BAD_INPUTS, procs):
+    torch.save({**full, "model": GPT(GPTConfig(**config)).state_dict(), "model_config": config},
+               other_vocab)
+    tiny = ["--skills", "jab", "--steps", "1", "--eval-n", "2", "--batch-size", "2",
+            "--max-new-tokens", "4"]
+    # the tiny budget comes first, so the bad flag overrides it; a missing check makes a clean run
+    procs = [subprocess.Popen([sys.executable, *lab, "train_sdft.py", "--init", str(base_ckpt),
+                               *tiny, *[a.format(missing=missing, other_vocab=other_vocab)
+                                        for a in flags],
+                               "--device", "cpu", "--out", str(tmp_path / "bad")],
+                              cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for lab, flags, _ in BAD_INPUTS]  # side by side: each mostly imports torch
+    for (lab, flags, needle), proc in zip(BAD_INPUTS, procs):
         _, stderr = proc.communicate(timeout=120)
         lines = stderr.strip().splitlines()
         assert proc.returncode != 0, flags
@@ -791,10 +698,13 @@ def test_train_sdft_too_long_rollout_is_a_clean_error(base_ckpt, tmp_path):
     """--max-new-tokens beyond what block_size (128) leaves after the teacher prompt (up to
     50 tokens here): the run must either cope or stop with one 'error:' line, never crash
     with a traceback from model.forward in the middle of training."""
-    r = run_script("train_sdft.py", "--init", base_ckpt, "--skills", "jab", "--steps", 1, "--eval-n", 4,
-                   "--max-new-tokens", 100, "--device", "cpu", "--out", tmp_path / "long")
+    r = run_script("train_sdft.py", "--init", base_ckpt, "--skills", "jab", "--steps", 1,
+                   "--eval-n", 4, "--max-new-tokens", 100, "--device", "cpu",
+                   "--out", tmp_path / "long")
     assert "Traceback" not in r.stderr, (
         "BUG: train_sdft.py does not check --max-new-tokens against the model's block_size; "
-        "the teacher pass over [teacher prompt | completion] exceeds it and crashes:\n" + r.stderr[-300:])
+        "the teacher pass over [teacher prompt | completion] exceeds it and crashes:\n"
+        + r.stderr[-300:])
     if r.returncode != 0:
-        assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert (r.stderr.strip().startswith("error:")
+                and len(r.stderr.strip().splitlines()) == 1), r.stderr

@@ -19,8 +19,8 @@ TINY = ["--skip-trl", "--device", "cpu", "--threads", "1", "--repeats", "2", "--
 
 def run_bench(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 shared cores
-    return subprocess.run([sys.executable, "lab/speed.py", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "lab/speed.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_bench_last_line():
@@ -34,7 +34,8 @@ def test_bench_last_line():
     assert math.isfinite(sdft_over_sft) and sdft_over_sft > 0
     assert math.isnan(trl_speedup)  # --skip-trl
     # the three parts were printed, and the SDFT step's phases are all there
-    for text in ("matmul ceiling", "KV cache", "generation", "teacher forward", "student forward+backward",
+    for text in ("matmul ceiling", "KV cache", "generation", "teacher and student forward",
+                 "student backward", "forward+backward",
                  "optimizer + EMA", "SDFT step / SFT step"):
         assert text in proc.stdout, text
 

@@ -40,7 +40,8 @@ def test_each_study_writes_its_results(quick, study):
     for r in results["runs"]:
         for key in ("study", "variant", "seed", "new_accuracy", "prior_average"):
             assert key in r, (study, key)
-        assert r["study"] == study and list(r["new_accuracy"]) == ["jab"] and 0 <= r["prior_average"] <= 1
+        assert (r["study"] == study and list(r["new_accuracy"]) == ["jab"]
+                and 0 <= r["prior_average"] <= 1)
     assert (out / study / "table.md").read_text().startswith("|")
     assert (out / study / f"{study}.png").stat().st_size > 0
 
@@ -48,10 +49,12 @@ def test_each_study_writes_its_results(quick, study):
 def test_what_each_study_measures(quick):
     out, _ = quick
     load = lambda s: json.loads((out / s / "results.json").read_text())["runs"]
-    assert {r["variant"] for r in load("onpolicy")} == {"sdft", "offline-kl", "offline-kl-sft-rate", "offline-ce",
-                                                         "offline-ce-sdft-rate", "sft"}
-    assert all(r["curve"] and r["curve"][0][0] == 0 for r in load("teacher"))  # validation curves from step 0
-    assert all(0 <= r["demo_accuracy_end"] <= 1 for r in load("teacher"))  # the trained model, reading a demonstration
+    assert {r["variant"] for r in load("onpolicy")} == {
+        "sdft", "offline-kl", "offline-kl-sft-rate", "offline-ce", "offline-ce-sdft-rate", "sft"}
+    # validation curves from step 0
+    assert all(r["curve"] and r["curve"][0][0] == 0 for r in load("teacher"))
+    # the trained model, reading a demonstration
+    assert all(0 <= r["demo_accuracy_end"] <= 1 for r in load("teacher"))
     assert {r["size"] for r in load("size")} == {"1x16", "1x32"}
     assert all(0 <= r["teacher_accuracy"] <= 1 for r in load("size"))
     for r in load("passk"):
@@ -72,21 +75,26 @@ def test_finished_runs_are_reused(quick):
     before = {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")}
     r = studies("divergence", "--quick", "--seeds", "0", "--skills", "jab", "--out", out)
     assert r.returncode == 0, r.stderr
-    assert before and {p: p.stat().st_mtime for p in (out / "runs").glob("*/metrics.jsonl")} == before
+    assert before and {p: p.stat().st_mtime
+                       for p in (out / "runs").glob("*/metrics.jsonl")} == before
 
 
 def test_bad_input_is_one_error_line(tmp_path):
     """Each bad flag: a non-zero exit and one 'error:' line naming it (side by side: each is
     mostly importing torch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cases = [(["--skills", "nope"], "nope"), (["--skills", "copy"], "new skills"), (["--seeds", "x"], "--seeds")]
-    procs = [subprocess.Popen([sys.executable, "lab/studies.py", "onpolicy", "--quick", *flags, "--out", tmp_path],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cases = [(["--skills", "nope"], "nope"), (["--skills", "copy"], "new skills"),
+             (["--seeds", "x"], "--seeds")]
+    procs = [subprocess.Popen([sys.executable, "lab/studies.py", "onpolicy", "--quick", *flags,
+                               "--out", tmp_path],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
              for flags, _ in cases]
     for (flags, needle), proc in zip(cases, procs):
         _, stderr = proc.communicate(timeout=120)
         lines = stderr.strip().splitlines()
-        assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), (flags, stderr)
+        assert (proc.returncode != 0 and len(lines) == 1
+                and lines[0].startswith("error:")), (flags, stderr)
         assert needle in lines[0], (flags, stderr)
 
 
@@ -94,11 +102,12 @@ def test_a_run_is_reused_only_from_the_same_checkpoint(tmp_path):
     """runner.run_once reruns a finished command when the checkpoint it starts from has changed
     under the same path (a base made again), and reuses it otherwise."""
     sys.path.insert(0, str(ROOT))
-    from lab.runner import run_once
+    from runner import run_once
     script, base, log = tmp_path / "count.py", tmp_path / "base.pt", tmp_path / "runs.txt"
     script.write_text(f"open({str(log)!r}, 'a').write('ran\\n')\n")
     base.write_bytes(b"one base")
-    command, out = [str(script), "--init", str(base), "--out", str(tmp_path / "out")], tmp_path / "out"
+    command, out = ([str(script), "--init", str(base), "--out", str(tmp_path / "out")],
+                    tmp_path / "out")
     out.mkdir()
     run_once(command, str(out))
     run_once(command, str(out))  # the same command from the same base: reused
@@ -109,14 +118,15 @@ def test_a_run_is_reused_only_from_the_same_checkpoint(tmp_path):
 
 
 def test_one_recipe_the_scripts_defaults_are_the_chosen_rates():
-    """The rates the drivers pass (lab/runner.LR, chosen on validation in results/lr) are the
+    """The rates the drivers pass (runner.LR, chosen on validation in results/lr) are the
     training scripts' own defaults: `python train_sdft.py` alone runs the headline's recipe."""
     import re
     sys.path.insert(0, str(ROOT))
-    from lab.runner import LR
+    from runner import LR
     for method in ("sft", "sdft"):
         source = (ROOT / f"train_{method}.py").read_text()
-        default = re.search(r'add\("--lr", type=float, default=([0-9.e+-]+)', source)
+        default = re.search(r'training.add_arguments\(parser, out="[^"]+", lr=([0-9.e+-]+)\)',
+                            source)  # each script's default for training.py's --lr
         assert default and float(default.group(1)) == LR[method], method
 
 
@@ -126,7 +136,8 @@ def test_baselines_sweep_every_rate_and_choose_on_validation(quick):
     out, _ = quick
     results = json.loads((out / "baselines" / "results.json").read_text())
     runs, config = results["runs"], results["config"]
-    assert {"dft", "dft-lr0.001", "sft+reinvoke", "sft+reinvoke-lr0.001"} <= {r["variant"] for r in runs}
+    assert ({"dft", "dft-lr0.001", "sft+reinvoke", "sft+reinvoke-lr0.001"}
+            <= {r["variant"] for r in runs})
     for method, chosen in config["chosen"].items():
         scores = {v: sum(r["val_accuracy"][r["skill"]] for r in runs if r["variant"] == v)
                   / sum(r["variant"] == v for r in runs)

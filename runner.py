@@ -1,5 +1,5 @@
 """
-Running the training scripts for benchmark.py and the studies (lab/studies.py, lab/knowledge.py):
+Running the training scripts for benchmark.py and the lab's studies (lab/studies.py, ...):
 every run is the script itself, started as a subprocess with one thread, so there is one
 implementation of each method and a CPU run repeats exactly whether runs go side by side or not.
 """
@@ -12,10 +12,10 @@ import subprocess
 import sys
 import time
 
-from data import knowledge_signature, world_signature
+from data import world_signature
 from model import load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts run from the root
+ROOT = os.path.dirname(os.path.abspath(__file__))  # scripts run from the root
 
 # The learning rate of each method, tuned as the paper tuned each method: the rate of the
 # sweep in results/lr with the best mean *validation* accuracy over the new skills after the last
@@ -23,12 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # scripts ru
 # the training scripts' defaults are the same rates.
 LR = {"sft": 3e-4, "sdft": 3e-5}
 # How the shipped base (results/base/ckpt.pt) was pretrained: lab/pretrain.py with these.
-BASE_SETTINGS = {"steps": 12000, "n_layer": 4, "n_head": 4, "n_embd": 128, "seed": 0, "p_new": 0.06, "p_right": 0.4}
+BASE_SETTINGS = {"steps": 12000, "n_layer": 4, "n_head": 4, "n_embd": 128, "seed": 0,
+                 "p_new": 0.06, "p_right": 0.4}
 
 
 def flags(settings):
     """{'eval_n': 8, 'dft': True} -> ['--eval-n=8', '--dft']: a True value is a switch."""
-    return [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in settings.items()]
+    return [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
+            for k, v in settings.items()]
 
 
 def clock(seconds):
@@ -37,7 +39,8 @@ def clock(seconds):
 
 
 def every(seconds=15, prefix="  "):
-    """An on_line for run_script that echoes a step line at most every `seconds`: nothing runs silently."""
+    """An on_line for run_script that echoes a step line at most every `seconds`: nothing runs
+    silently."""
     last = [0.0]
 
     def on_line(line):
@@ -52,7 +55,8 @@ def run_script(script, *script_args, on_line=None):
     the script's own error line if it fails. One thread per script: a CPU run repeats exactly
     only at the same thread count, so the results do not depend on how many run side by side."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, script, *script_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, script, *script_args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
                             text=True, cwd=ROOT, env=env)
     for line in proc.stdout:
         if on_line:
@@ -66,7 +70,8 @@ def inputs_of(command):
     """The checkpoints a command starts from (--init, --teacher-ckpt), each with a digest of its
     bytes: a base made again under the same path is another input."""
     return {path: hashlib.sha256(open(path, "rb").read()).hexdigest()
-            for flag, path in zip(command, command[1:]) if flag in ("--init", "--teacher-ckpt") and os.path.isfile(path)}
+            for flag, path in zip(command, command[1:])
+            if flag in ("--init", "--teacher-ckpt") and os.path.isfile(path)}
 
 
 def run_once(command, out, on_line=None, announce=None):
@@ -74,7 +79,8 @@ def run_once(command, out, on_line=None, announce=None):
     finished run of this very command from the very same checkpoints (out/command.json, written
     when it ends): studies reuse each other's runs, and a changed command or base runs again.
     announce: printed when it does run."""
-    done, record = os.path.join(out, "command.json"), {"command": command, "inputs": inputs_of(command)}
+    done = os.path.join(out, "command.json")
+    record = {"command": command, "inputs": inputs_of(command)}
     if os.path.exists(done):
         with open(done) as f:
             if json.load(f) == record:
@@ -95,7 +101,8 @@ def worst_skill(accuracies, skills):
 
 def mean_sd(values):
     """'0.97 ± 0.01' over seeds (sd only when there are several), as the tables print them."""
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+    sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}" + sd
 
 
 def pretrain_base(path, settings, on_line=None):
@@ -124,8 +131,7 @@ def check_base(ckpt, settings):
     if "world" not in ckpt:
         return "it is not a base model (lab/pretrain.py makes those)"
     if ckpt.get("world") != world_signature():
-        return "it was pretrained for another toy world (data.py's skills, rivals, formats or mixture have changed since)"
-    if settings.get("p_knowledge") and ckpt.get("knowledge_world") != knowledge_signature():
-        return "it was pretrained for another knowledge world (data.py's facts, their formats or the knowledge mixture have changed since)"
+        return ("it was pretrained for another toy world (data.py's skills, rivals, formats or "
+                "mixture have changed since)")
     other = {k: ckpt["args"].get(k) for k, v in settings.items() if ckpt["args"].get(k) != v}
     return f"it was pretrained with other settings ({other})" if other else None
