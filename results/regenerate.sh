@@ -64,4 +64,5 @@ python lab/variants.py eval.py --reasoning --ckpt results/base-reasoning/ckpt.pt
     > results/base-reasoning/eval.txt
 # the peer check: TRL's SDFTTrainer against train_sdft.py on jab, 3 seeds (~5 min; needs
 # pip install -r requirements.txt -r lab/requirements-speed.txt)
-if python -c "import trl" 2> /dev/null; then python lab/peer.py; else echo "skipped lab/peer.py: no TRL"; fi
+if python -c "import trl" 2> /dev/null; then python lab/peer.py
+else echo "skipped lab/peer.py: no TRL"; fi
