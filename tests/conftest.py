@@ -53,3 +53,42 @@ def tiny_model(tok):
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32,
                           block_size=128))
     return model.eval()
+
+
+# The tests' bad inputs each stop a script in its checks, before any work: the time of each
+# run is mostly Python importing torch (about 1.5 s of CPU). run_each runs many such commands in
+# one fresh process, one after another, each as `python SCRIPT ARGS` would (runpy, its own
+# sys.argv, stdout and stderr captured, its exit code and the message of sys.exit kept).
+ONE_PROCESS = r"""
+import contextlib, io, json, runpy, sys, traceback
+sys.path.insert(0, ".")  # the repository root, where the scripts import from
+results = []
+for argv in json.loads(sys.stdin.read()):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = argv
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:  # what the interpreter would print and return
+            if isinstance(e.code, str):
+                err.write(e.code + "\n")
+            code = 1 if isinstance(e.code, str) else (e.code or 0)
+        except BaseException:
+            traceback.print_exc(file=err)
+            code = 1
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def run_each(commands, timeout=300):
+    """[(returncode, stdout, stderr)] of each command [script, *args], run in one process in the
+    repository root. Only for commands that stop in their checks: a command that goes on to
+    train or to change a module's state could change the ones after it."""
+    import json
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", ONE_PROCESS], cwd=ROOT, env=env, text=True,
+                          input=json.dumps([[str(a) for a in c] for c in commands]),
+                          capture_output=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_each  # noqa: E402
 from data import NEW_SKILLS, PRIOR_SKILLS, world_signature
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ BAD_INPUTS = [  # (flags, text of the error line)
 
 @pytest.fixture(scope="module")
 def refusals(quick, tmp_path_factory):
-    """Every refused base and bad input at once, side by side (each is mostly importing torch):
+    """Every refused base and bad input, in one process (each is mostly importing torch):
     [(needle, returncode, stderr, what must be as it was: (path, bytes before))]."""
     tmp, _ = quick
     cases = []
@@ -196,12 +197,9 @@ def refusals(quick, tmp_path_factory):
         cases.append((["--out", tmp / "out", "--base", tmp / "base" / "ckpt.pt", *flags], needle,
                       tmp / "out" / "results.json"))
     kept = [(path, path.read_bytes()) for _, _, path in cases]
-    procs = [start_benchmark("--quick", *flags) for flags, _, _ in cases]
-    results = []
-    for (_, needle, _), proc, before in zip(cases, procs, kept):
-        done = finish(proc)
-        results.append((needle, done.returncode, done.stderr, before))
-    return results
+    done = run_each([["benchmark.py", "--quick", *flags] for flags, _, _ in cases])  # one process
+    return [(needle, rc, stderr, before)
+            for (_, needle, _), (rc, _, stderr), before in zip(cases, done, kept)]
 
 
 @pytest.mark.parametrize("i", range(len(REFUSED_BASES) + len(BAD_INPUTS)))

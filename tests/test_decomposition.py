@@ -93,16 +93,14 @@ BAD_INPUTS = [("--variants", "sft,bogus", "unknown variant"), ("--lrs", "fast", 
 
 
 def test_bad_input_is_one_line_and_loses_nothing(quick):
-    """Each bad flag, side by side (each is mostly importing torch), into the quick run's OUT:
+    """Each bad flag, in one process (each is mostly importing torch), into the quick run's OUT:
     one error line, no traceback, and its results.json as it was."""
+    from conftest import run_each
     out, _ = quick
     before = (out / "results.json").read_bytes()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "lab/decomposition.py", flag, value, "--out", out],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for flag, value, _ in BAD_INPUTS]
-    for (flag, value, says), proc in zip(BAD_INPUTS, procs):
-        _, stderr = proc.communicate(timeout=120)
-        assert proc.returncode != 0 and says in stderr and "Traceback" not in stderr, (flag, value)
+    done = run_each([["lab/decomposition.py", flag, value, "--out", out]
+                     for flag, value, _ in BAD_INPUTS])
+    for (flag, value, says), (returncode, _, stderr) in zip(BAD_INPUTS, done):
+        assert returncode != 0 and says in stderr and "Traceback" not in stderr, (flag, value)
         assert len(stderr.strip().splitlines()) == 1, stderr
     assert (out / "results.json").read_bytes() == before

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_each  # noqa: E402
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,9 +179,8 @@ def test_resume_refuses_bad_checkpoints(base_ckpt, good_run, tmp_path):
                tmp_path / "no_state" / "ckpt.pt")
     before = {name: {f: (tmp_path / name / f).read_bytes() for f in os.listdir(tmp_path / name)}
               for name, *_ in cases}
-    procs = [start(*cmd, "--out", tmp_path / name) for name, cmd, _ in cases]  # side by side
-    for (name, _, needle), proc in zip(cases, procs):
-        rc, _, stderr = finish(proc)
+    done = run_each([[*cmd, "--out", tmp_path / name] for name, cmd, _ in cases])  # one process
+    for (name, _, needle), (rc, _, stderr) in zip(cases, done):
         lines = stderr.strip().splitlines()
         assert rc != 0, name
         assert "Traceback" not in stderr, (name, stderr)

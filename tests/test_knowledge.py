@@ -22,6 +22,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import run_each  # noqa: E402
 import data  # noqa: E402
 import lab.knowledge_world as world  # noqa: E402
 from data import SKILLS, Tokenizer, encode_prompts, pretrain_examples, sft_batch  # noqa: E402
@@ -225,12 +226,10 @@ BAD_INPUTS = [  # (script and flags, text the error line must contain)
 
 def test_bad_input_is_one_error_line(tmp_path):
     """Each bad input: non-zero exit, one line on stderr starting with 'error:', no traceback."""
-    # side by side
-    procs = [start(*command, "--out", tmp_path / "bad") for command, _ in BAD_INPUTS]
-    for (command, needle), proc in zip(BAD_INPUTS, procs):
-        _, stderr = proc.communicate(timeout=120)
+    done = run_each([[*command, "--out", tmp_path / "bad"] for command, _ in BAD_INPUTS])
+    for (command, needle), (returncode, _, stderr) in zip(BAD_INPUTS, done):  # one process
         lines = stderr.strip().splitlines()
-        assert proc.returncode != 0 and "Traceback" not in stderr, (command, stderr)
+        assert returncode != 0 and "Traceback" not in stderr, (command, stderr)
         assert (len(lines) == 1 and lines[0].startswith("error:")
                 and needle in lines[0]), (command, stderr)
     assert not (tmp_path / "bad" / "ckpt.pt").exists()

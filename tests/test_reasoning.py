@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import run_each  # noqa: E402
 import data  # noqa: E402
 from data import (PRIOR_SKILLS, SKILLS, Tokenizer, final_answer, known_letters,  # noqa: E402
                   parse_skills, skill_answer, skill_examples, student_prompt)
@@ -201,11 +202,10 @@ def test_bad_input_and_other_bases_are_refused_in_one_line(quick, tiny_base, tmp
                            "not a thinking base")]
     pretrain = start("lab/pretrain.py", "--steps", "3", "--n-layer", "1", "--n-head", "2",
                      "--n-embd", "32", "--device", "cpu", "--p-think", "0", "--out", again)
-    procs = [start(*command, "--out", tmp_path / "bad") for command, _ in cases]
-    for (command, needle), proc in zip(cases, procs):
-        _, stderr = proc.communicate(timeout=120)
+    done = run_each([[*command, "--out", tmp_path / "bad"] for command, _ in cases])  # 1 process
+    for (command, needle), (returncode, _, stderr) in zip(cases, done):
         lines = stderr.strip().splitlines()
-        assert proc.returncode != 0 and "Traceback" not in stderr, (command, stderr)
+        assert returncode != 0 and "Traceback" not in stderr, (command, stderr)
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], stderr
     assert other.read_bytes() == before
     assert pretrain.wait(timeout=120) == 0

@@ -28,6 +28,7 @@ from data import (NEW_SKILLS, PRIOR_SKILLS, Tokenizer, demonstration, encode_pro
                   eval_queries, skill_examples, student_prompt, teacher_prompt)
 from eval import kl_from_base  # noqa: E402
 from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
+from conftest import run_each  # noqa: E402
 from sdft import (completion_logits, ema_update, loss_mask, make_teacher, masked_mean,  # noqa: E402
                   per_token_divergence, rollout, score, sdft_loss)
 
@@ -677,17 +678,13 @@ def test_train_sdft_bad_input(base_ckpt, tmp_path):
     tiny = ["--skills", "jab", "--steps", "1", "--eval-n", "2", "--batch-size", "2",
             "--max-new-tokens", "4"]
     # the tiny budget comes first, so the bad flag overrides it; a missing check makes a clean run
-    procs = [subprocess.Popen([sys.executable, *lab, "train_sdft.py", "--init", str(base_ckpt),
-                               *tiny, *[a.format(missing=missing, other_vocab=other_vocab)
-                                        for a in flags],
-                               "--device", "cpu", "--out", str(tmp_path / "bad")],
-                              cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for lab, flags, _ in BAD_INPUTS]  # side by side: each mostly imports torch
-    for (lab, flags, needle), proc in zip(BAD_INPUTS, procs):
-        _, stderr = proc.communicate(timeout=120)
+    results = run_each([[*lab, "train_sdft.py", "--init", base_ckpt, *tiny,
+                         *[a.format(missing=missing, other_vocab=other_vocab) for a in flags],
+                         "--device", "cpu", "--out", tmp_path / "bad"]
+                        for lab, flags, _ in BAD_INPUTS])  # in one process: torch imported once
+    for (lab, flags, needle), (returncode, _, stderr) in zip(BAD_INPUTS, results):
         lines = stderr.strip().splitlines()
-        assert proc.returncode != 0, flags
+        assert returncode != 0, flags
         assert "Traceback" not in stderr, (flags, stderr)
         assert len(lines) == 1 and lines[0].startswith("error:"), (flags, stderr)
         assert needle in lines[0], (flags, lines[0])

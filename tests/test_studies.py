@@ -80,20 +80,16 @@ def test_finished_runs_are_reused(quick):
 
 
 def test_bad_input_is_one_error_line(tmp_path):
-    """Each bad flag: a non-zero exit and one 'error:' line naming it (side by side: each is
+    """Each bad flag: a non-zero exit and one 'error:' line naming it (in one process: each is
     mostly importing torch)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    from conftest import run_each
     cases = [(["--skills", "nope"], "nope"), (["--skills", "copy"], "new skills"),
              (["--seeds", "x"], "--seeds")]
-    procs = [subprocess.Popen([sys.executable, "lab/studies.py", "onpolicy", "--quick", *flags,
-                               "--out", tmp_path],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-             for flags, _ in cases]
-    for (flags, needle), proc in zip(cases, procs):
-        _, stderr = proc.communicate(timeout=120)
+    done = run_each([["lab/studies.py", "onpolicy", "--quick", *flags, "--out", tmp_path]
+                     for flags, _ in cases])
+    for (flags, needle), (returncode, _, stderr) in zip(cases, done):
         lines = stderr.strip().splitlines()
-        assert (proc.returncode != 0 and len(lines) == 1
+        assert (returncode != 0 and len(lines) == 1
                 and lines[0].startswith("error:")), (flags, stderr)
         assert needle in lines[0], (flags, stderr)
 
