@@ -128,13 +128,20 @@ def sdft_loss(student, teacher, student_ids, student_mask, teacher_ids, teacher_
     # 4. mask and mean: not padding, nothing after end-of-text, not the first `skip` tokens
     mask = loss_mask(completion_mask, skip)
     loss = masked_mean(per_token, mask)
-    step = {"completion": completion, "completion_mask": completion_mask, "mask": mask,
+    return loss, step_record(completion, completion_mask, mask, student_logits, teacher_logits,
+                             per_token, rollout_s, eot_id)
+
+
+def step_record(completion, completion_mask, mask, student_logits, teacher_logits, per_token,
+                rollout_s, eot_id):
+    """What a step computed, for the log and for inspection, with what is logged: kl over every
+    answer token, the mean length (end-of-text included) and the share of rows that ended."""
+    return {"completion": completion, "completion_mask": completion_mask, "mask": mask,
             "student_logits": student_logits, "teacher_logits": teacher_logits,
             "per_token": per_token, "rollout_s": rollout_s,
-            "kl": masked_mean(per_token.detach(), completion_mask),  # every answer token
-            "length": completion_mask.sum(1).float().mean(),  # end-of-text included
-            "ended": (completion == eot_id).any(1).float().mean()}  # rows that finished
-    return loss, step
+            "kl": masked_mean(per_token.detach(), completion_mask),
+            "length": completion_mask.sum(1).float().mean(),
+            "ended": (completion == eot_id).any(1).float().mean()}
 
 
 def make_teacher(student, kind):

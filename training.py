@@ -5,7 +5,7 @@ random streams, the base and --resume, the log, checkpoints, validation with --k
 the end-of-stage evaluation. Nothing here is SFT or SDFT: the batch, the loss and the teacher
 are in the scripts.
 
-The world a run learns in is the toy's skills (data.py), reached through the four functions
+The world a run learns in is the toy's skills (data.py), reached through the functions
 of the last section. lab/variants.py puts the lab's other worlds (knowledge, reasoning) in
 their place, and records its own flags in LAB_SETTINGS.
 """
@@ -316,7 +316,7 @@ class Run:
 
 
 # -----------------------------------------------------------------------------
-# the world: the toy's skills (lab/variants.py replaces these four for its worlds)
+# the world: the toy's skills (lab/variants.py replaces these for its worlds)
 
 def parse_skills(args):
     """The stages of a run, one skill each: --skills, checked against data.py's world."""
@@ -338,10 +338,15 @@ def validation_accuracy(model, tok, skill, device, n):
     return evaluate(model, tok, [skill], device, split="val", n=n)[skill]
 
 
+def every_skill_accuracy(model, tok, device, n):
+    """Test and validation accuracy of every prior and new skill, n queries each."""
+    every_skill = list(PRIOR_SKILLS) + list(NEW_SKILLS)
+    return (evaluate(model, tok, every_skill, device, split="test", n=n),
+            evaluate(model, tok, every_skill, device, split="val", n=n))
+
+
 def stage_accuracies(model, base, tok, skill, device, n):
     """After a stage: test and validation accuracy of every skill, and the KL from the base on
     the stage's skill."""
-    every_skill = list(PRIOR_SKILLS) + list(NEW_SKILLS)
-    return (evaluate(model, tok, every_skill, device, split="test", n=n),
-            evaluate(model, tok, every_skill, device, split="val", n=n),
+    return (*every_skill_accuracy(model, tok, device, n),
             kl_from_base(model, base, tok, skill, device, n=n))

@@ -39,11 +39,9 @@ sys.path.insert(0, ROOT)
 
 import sdft  # noqa: E402
 import training  # noqa: E402
-from data import NEW_SKILLS, PRIOR_SKILLS  # noqa: E402
-from eval import evaluate  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 from sdft import (loss_mask, make_teacher, masked_mean, per_token_divergence,  # noqa: E402
-                  rollout, score)
+                  rollout, score, step_record)
 
 SCRIPTS = ("train_sdft.py", "train_sft.py", "eval.py")
 
@@ -87,13 +85,9 @@ def variant_loss(student, teacher, student_ids, student_mask, teacher_ids, teach
     mask = loss_mask(completion_mask, skip)
     if agreed:
         mask = mask * agreed_prefix(completion, teacher_logits, completion_mask)
-    step = {"completion": completion, "completion_mask": completion_mask, "mask": mask,
-            "student_logits": student_logits, "teacher_logits": teacher_logits,
-            "per_token": per_token, "rollout_s": rollout_s,
-            "kl": masked_mean(per_token.detach(), completion_mask),
-            "length": completion_mask.sum(1).float().mean(),
-            "ended": (completion == eot_id).any(1).float().mean()}
-    return masked_mean(per_token, mask), step
+    return masked_mean(per_token, mask), step_record(completion, completion_mask, mask,
+                                                     student_logits, teacher_logits, per_token,
+                                                     rollout_s, eot_id)
 
 
 def teacher_from(teacher_model):
@@ -117,9 +111,7 @@ def use_knowledge(facts, context, cpt):
         return fact_examples(rng, facts, n, context, demo_style)
 
     def stage_accuracies(model, base, tok, skill, device, n):
-        every_skill = list(PRIOR_SKILLS) + list(NEW_SKILLS)
-        accuracy = evaluate(model, tok, every_skill, device, split="test", n=n)
-        val_accuracy = evaluate(model, tok, every_skill, device, split="val", n=n)
+        accuracy, val_accuracy = training.every_skill_accuracy(model, tok, device, n)
         accuracy |= {kind: knowledge_accuracy(model, tok, facts, device, kind)
                      for kind in ("direct", "indirect")}  # the OOD column: indirect
         return accuracy, val_accuracy, None
@@ -167,7 +159,7 @@ def main():
     peek.add_argument("--init", default="results/base/ckpt.pt")
     script, _ = peek.parse_known_args(rest)
     try:
-        facts = check(lab_args, script)
+        facts, teacher_model = check(lab_args, script)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if lab_args.rollout != "student" or lab_args.loss != "kl" or \
@@ -176,7 +168,7 @@ def main():
                                            loss=lab_args.loss, teacher_sees=lab_args.teacher_sees,
                                            agreed=lab_args.agreed_prefix)
     if lab_args.teacher_ckpt:
-        sdft.make_teacher = teacher_from(load_checkpoint(lab_args.teacher_ckpt)[0])
+        sdft.make_teacher = teacher_from(teacher_model)
     if lab_args.facts:
         use_knowledge(facts, lab_args.context, lab_args.cpt)
     if lab_args.reasoning:
@@ -189,7 +181,7 @@ def main():
 
 def check(lab_args, script):
     """Raise ValueError (one sentence) for a combination that is not a variant; return the
-    facts of --facts (or None)."""
+    facts of --facts and the model of --teacher-ckpt (each None without its flag)."""
     sdft_only = (lab_args.rollout != "student" or lab_args.loss != "kl" or lab_args.agreed_prefix
                  or lab_args.teacher_sees != "demo" or lab_args.teacher_ckpt
                  or lab_args.context != "doc+answer")
@@ -206,6 +198,7 @@ def check(lab_args, script):
                          "train_sft.py")
     if lab_args.facts and lab_args.script == "eval.py":
         raise ValueError("--facts runs a training script, not eval.py")
+    teacher = None
     if lab_args.teacher_ckpt:
         teacher, student = (load_checkpoint(p)[0] for p in (lab_args.teacher_ckpt, script.init))
         if teacher.config.vocab_size != student.config.vocab_size:
@@ -216,7 +209,7 @@ def check(lab_args, script):
         raise ValueError(f"unknown --context '{lab_args.context}' ({', '.join(CONTEXTS)})")
     if lab_args.context != "doc+answer" and not lab_args.facts:
         raise ValueError("--context is what the teacher sees of a fact: --context needs --facts")
-    return knowledge_facts(lab_args.facts, script.seed) if lab_args.facts else None
+    return knowledge_facts(lab_args.facts, script.seed) if lab_args.facts else None, teacher
 
 
 if __name__ == "__main__":
