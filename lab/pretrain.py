@@ -12,6 +12,8 @@ context, and a start of about 40% on each new skill.
     python lab/pretrain.py --p-knowledge 0.4 --steps 20000 --out runs/kb/ckpt.pt
     # the thinking base (lab/reasoning.py): every batch of the reasoning world's mixture
     python lab/pretrain.py --p-think 1 --steps 15000 --out runs/think/ckpt.pt
+    # the slips base (lab/map.py): the teacher mends a begun answer that went wrong
+    python lab/pretrain.py --p-mend 0.3 --out runs/slips/ckpt.pt
 
 benchmark.py --pretrain and the studies run it with runner.BASE_SETTINGS. The loss is
 train_sft.py's: cross-entropy on the target tokens. Writes one file, at the end: the weights,
@@ -35,6 +37,7 @@ from data import NEW_SKILLS, Tokenizer, check_new_skills, pretrain_examples, sft
 from data import world_signature
 from lab.knowledge_world import knowledge_pretrain_examples, knowledge_signature
 from lab.reasoning_world import reasoning_pretrain_examples, reasoning_signature
+from lab.slips_world import mend_examples, slips_signature
 from model import GPT, GPTConfig, autocast, cosine_lr, get_device
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -53,6 +56,10 @@ parser.add_argument("--p-knowledge", type=float, default=0.0, help="share of bat
 parser.add_argument("--p-think", type=float, default=0.0, help="share of batches of the reasoning "
                     "world's mixture (data.reasoning_pretrain_examples: the prior skills, skills "
                     "answered with a trace; its new skills asked as --p-new and --p-right say)")
+parser.add_argument("--p-mend", type=float, default=0.0, help="the slips world "
+                    "(lab/slips_world.py): every begun answer that departs from its "
+                    "demonstration is mended, and this share of the others with a "
+                    "demonstration begins with a slip and is mended (0: the skills world)")
 parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
 parser.add_argument("--n-head", type=int, default=4, help="attention heads")
 parser.add_argument("--n-embd", type=int, default=128, help="model width")
@@ -64,10 +71,12 @@ parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradi
 args = parser.parse_args()
 try:
     if not (0 <= args.p_new * len(NEW_SKILLS) <= 1 and 0 <= args.p_right <= 1
-            and 0 <= args.p_knowledge <= 1 and 0 <= args.p_think <= 1):
+            and 0 <= args.p_knowledge <= 1 and 0 <= args.p_think <= 1
+            and 0 <= args.p_mend <= 1):
         raise ValueError(f"--p-new must be in [0, 1/{len(NEW_SKILLS)}] (one share per new skill), "
-                         f"--p-right, --p-knowledge and --p-think in [0, 1], got {args.p_new}, "
-                         f"{args.p_right}, {args.p_knowledge} and {args.p_think}")
+                         f"--p-right, --p-knowledge, --p-think and --p-mend in [0, 1], got "
+                         f"{args.p_new}, {args.p_right}, {args.p_knowledge}, {args.p_think} and "
+                         f"{args.p_mend}")
     if min(args.steps, args.batch_size, args.lr, args.grad_clip) <= 0 or args.warmup < 0:
         raise ValueError("--steps, --batch-size, --lr and --grad-clip must be positive, "
                          "--warmup non-negative")
@@ -99,6 +108,9 @@ for step in range(args.steps):
     elif args.p_think and data_rng.random() < args.p_think:  # (p 0 draws nothing)
         prompts, targets = reasoning_pretrain_examples(data_rng, args.batch_size, p_new=args.p_new,
                                                        p_right=args.p_right)
+    elif args.p_mend:  # the slips world: the skills world's mixture, its wrong starts mended
+        prompts, targets = mend_examples(data_rng, args.batch_size, args.p_mend,
+                                         p_new=args.p_new, p_right=args.p_right)
     else:
         prompts, targets = pretrain_examples(data_rng, args.batch_size, p_new=args.p_new,
                                              p_right=args.p_right)
@@ -127,7 +139,8 @@ for step in range(args.steps):
 ckpt = {"model": model.state_dict(), "model_config": asdict(model.config), "args": vars(args),
         "world": world_signature(),
         "knowledge_world": knowledge_signature() if args.p_knowledge else None,
-        "reasoning_world": reasoning_signature() if args.p_think else None}
+        "reasoning_world": reasoning_signature() if args.p_think else None,
+        "slips_world": slips_signature(args.p_mend) if args.p_mend else None}
 torch.save(ckpt, args.out + ".tmp")
 os.replace(args.out + ".tmp", args.out)
 print(f"total time {time.time() - t_start:.0f}s; base {args.out}")

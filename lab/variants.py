@@ -8,6 +8,7 @@ passes every other flag on. The main scripts stay the paper's recipe.
                                                         # SFT on the teacher's samples (Fig. 6)
     python lab/variants.py train_sdft.py --teacher base --teacher-ckpt SFT --teacher-sees query
                                                         # re-invoke (Table 5): no demonstration
+    python lab/variants.py train_sdft.py --teacher-sees other     # an unsure teacher (lab/map.py)
     python lab/variants.py train_sdft.py --agreed-prefix          # not in the paper
     python lab/variants.py train_sdft.py --facts 10 --context doc # the knowledge world (Table 1)
     python lab/variants.py train_sft.py --facts 10 --cpt          # continued pretraining on docs
@@ -17,6 +18,9 @@ What each flag replaces, and so changes:
   --rollout, --loss, --teacher-sees, --agreed-prefix
         sdft.sdft_loss, by variant_loss below: who samples, the per-token loss, the teacher's
         prompt, the mask (each a line or two of it)
+  --teacher-sees other
+        training.examples: the teacher's demonstration is another query's (it must infer the
+        skill)
   --teacher-ckpt
         sdft.make_teacher: the teacher's weights come from another checkpoint
   --facts, --context, --cpt
@@ -37,6 +41,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import data  # noqa: E402
 import sdft  # noqa: E402
 import training  # noqa: E402
 from model import load_checkpoint  # noqa: E402
@@ -90,6 +95,21 @@ def variant_loss(student, teacher, student_ids, student_mask, teacher_ids, teach
                                                      rollout_s, eot_id)
 
 
+def other_query_examples(rng, skill, n, demo_style):
+    """training.examples with each teacher prompt's demonstration made for another query of the
+    skill, then the student's prompt: the teacher must generalise in context from one example."""
+    students, demos, _ = data.skill_examples(rng, skill, n, demo_style)
+    teachers = []
+    for student in students:
+        query = student.split(" ")[1][:-1]  # 'jab cabd>' -> 'cabd'
+        other = query
+        while other == query:
+            other = data.sample_query(rng, "train")
+        demo = data.demonstration(data.skill_answer(skill, other), demo_style)
+        teachers.append(data.teacher_prompt(skill, other, demo).split("\n")[0] + "\n" + student)
+    return students, demos, teachers
+
+
 def teacher_from(teacher_model):
     """make_teacher, with the teacher's weights from another model (a frozen copy of it)."""
     def make(student, kind):
@@ -134,8 +154,9 @@ def main():
         "answers: the student (on-policy, SDFT) or the teacher (offline: the paper's ablations)")
     add("--loss", default="kl", choices=["kl", "ce"], help="kl: the divergence of --alpha over "
         "the full vocabulary; ce: cross-entropy on the sampled tokens (SFT on them)")
-    add("--teacher-sees", default="demo", choices=["demo", "query"], help="the teacher's "
-        "prompt: the query with a demonstration (SDFT), or the query alone (re-invoke)")
+    add("--teacher-sees", default="demo", choices=["demo", "query", "other"], help="the "
+        "teacher's prompt: the query with a demonstration (SDFT), the query alone (re-invoke), "
+        "or another query's demonstration then the query (an unsure teacher)")
     add("--teacher-ckpt", default=None, help="with --teacher base: the teacher's weights from "
         "this checkpoint instead of --init (SFT + re-invoke: the base teaches the SFT model)")
     add("--agreed-prefix", action="store_true", help="count only the tokens up to and "
@@ -163,12 +184,14 @@ def main():
     except ValueError as e:
         sys.exit(f"error: {e}")
     if lab_args.rollout != "student" or lab_args.loss != "kl" or \
-            lab_args.teacher_sees != "demo" or lab_args.agreed_prefix:
+            lab_args.teacher_sees == "query" or lab_args.agreed_prefix:
         sdft.sdft_loss = functools.partial(variant_loss, rollout_by=lab_args.rollout,
                                            loss=lab_args.loss, teacher_sees=lab_args.teacher_sees,
                                            agreed=lab_args.agreed_prefix)
     if lab_args.teacher_ckpt:
         sdft.make_teacher = teacher_from(teacher_model)
+    if lab_args.teacher_sees == "other":
+        training.examples = other_query_examples
     if lab_args.facts:
         use_knowledge(facts, lab_args.context, lab_args.cpt)
     if lab_args.reasoning:

@@ -43,6 +43,10 @@ python benchmark.py --skills max,zag,hub,mug,jab --seeds 0,1,2 --out results/lon
 # demonstrations, offline distillation, each at 5 rates (chosen on validation), 1000 steps per
 # skill, 3 seeds, every order
 python lab/decomposition.py --orders all
+# when does on-policy learning matter? the paper's Fig. 6 under 5 conditions, 4 rates, 3 skills,
+# 3 seeds (~1 h; the slips world's base made where missing, ~20 min)
+python lab/map.py
+python eval.py --ckpt results/base-slips/ckpt.pt --mistakes 0 > results/base-slips/eval.txt
 # controls: demonstrations in the model's own style; a base that never met the new skills
 python benchmark.py --demo-style own --seeds 0,1,2 --out results/own
 python benchmark.py --p-new 0 --base results/base-unseen/ckpt.pt --seeds 0,1,2 --out results/unseen

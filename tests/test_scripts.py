@@ -294,13 +294,14 @@ BAD_INPUTS = [
     (["eval.py", "--ckpt", "{base}", "--n", "0"], "--n"),
     (["eval.py", "--ckpt", "{base}", "--temperature", "-1"], "--temperature"),
     (["lab/pretrain.py", "--p-new", "1.5"], "--p-new"),
+    (["lab/pretrain.py", "--p-mend", "-0.1"], "--p-mend"),
     (["lab/pretrain.py", "--steps", "0"], "--steps"),
     (["lab/pretrain.py", "--out", "{base}"], "already exists"),  # a base is never replaced
     (["train_sft.py", "--init", "{missing}"], "no checkpoint"),
     (["train_sft.py", "--init", "{corrupt}"], "not a readable checkpoint"),
     (["train_sft.py", "--init", "{base}", "--skills", "jab,nope"], "nope"),
     (["train_sft.py", "--init", "{base}", "--stop-at", "0"], "--stop-at"),
-    (["train_sft.py", "--init", "{base}", "--stop-at", "1.5"], "--stop-at"),
+    (["train_sft.py", "--init", "{base}", "--stop-at", "-1"], "--stop-at"),
     (["train_sft.py", "--init", "{base}", "--steps", "0"], "--steps"),
 ]
 
