@@ -63,16 +63,16 @@ def add_arguments(parser, out, lr):
         help="steps between validations of the current skill")
     add("--eval-n", type=int, default=100,
         help="queries per skill for validation and test accuracy")
-    add("--stop-at", type=float, default=0.95,
-        help="end a stage when the skill's validation accuracy reaches this")
+    add("--stop-at", type=float, default=0.95, help="end a stage when the skill's validation "
+        "accuracy reaches this (above 1: never, the whole budget runs)")
     add("--keep-best", action="store_true", help="end each stage on the weights of its best "
         "validation (the earliest, on a tie), as the paper reports its runs")
 
 
 def check_arguments(args, n_shards, world_size):
     """Raise ValueError (one sentence) for a common flag out of range."""
-    if not 0 < args.stop_at <= 1:
-        raise ValueError(f"--stop-at must be in (0, 1], got {args.stop_at}")
+    if args.stop_at <= 0:
+        raise ValueError(f"--stop-at must be positive (above 1: never stop), got {args.stop_at}")
     for flag in ("steps", "batch_size", "grad_accum", "eval_every", "eval_n", "max_new_tokens"):
         if getattr(args, flag, 1) <= 0:  # max_new_tokens: SDFT's
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, "
