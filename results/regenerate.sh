@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate every result under results/ from the shipped base models:
 #
-#     bash results/regenerate.sh          # about 3 hours on 2 CPU cores, in parts: runs are cached
+#     bash results/regenerate.sh          # about 4 hours on 2 CPU cores, in parts: runs are cached
 #
 # Every training run uses one thread (benchmark.py sees to it), so the figures repeat exactly
 # on a machine whose CPU sums as this one did; results/README.md copies its tables from each
