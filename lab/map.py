@@ -58,14 +58,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data import (ALPHABETS, PRIOR_SKILLS, RIVALS, SEQUENCE, SKILLS, Tokenizer,  # noqa: E402
                   demonstration, encode_prompts, eval_queries, final_answer, parse_skills,
-                  sample_query, skill_answer, student_prompt, teacher_prompt)
+                  skill_answer, student_prompt, teacher_prompt)
 from eval import MAX_NEW_TOKENS, accuracy, answer  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 from runner import (BASE_SETTINGS, clock, ensure_base, every, flags, mean_sd,  # noqa: E402
                     run_once)
 from sdft import sdft_loss  # noqa: E402
 from lab.slips_world import slips_signature  # noqa: E402
-from lab.variants import variant_loss  # noqa: E402
+from lab.variants import other_query_prompt, variant_loss  # noqa: E402
 
 BASE, SMALL = "results/base/ckpt.pt", "results/studies/size/base-4x64.pt"
 P_MEND = 0.3  # the slips base's share of mended slips (lab/pretrain.py --p-mend)
@@ -174,16 +174,10 @@ def train(condition, method, skill, seed, lr):
 def teacher_prompts(condition, skill, queries, seed=0):
     """The teacher's prompts for these queries under the condition (the expert's style)."""
     rng = random.Random(f"other-{seed}")
-    prompts = []
-    for q in queries:
-        shown = q
-        if CONDITIONS[condition][1].get("teacher_sees") == "other":
-            while shown == q:
-                shown = sample_query(rng, "train")  # as lab/variants.py draws them
-        demo = demonstration(skill_answer(skill, shown), "expert")
-        prompts.append(teacher_prompt(skill, shown, demo).split("\n")[0] + "\n"
-                       + student_prompt(skill, q))
-    return prompts
+    if CONDITIONS[condition][1].get("teacher_sees") == "other":
+        return [other_query_prompt(rng, skill, q, "expert") for q in queries]
+    return [teacher_prompt(skill, q, demonstration(skill_answer(skill, q), "expert"))
+            for q in queries]
 
 
 def encoded(prompts):
@@ -207,19 +201,20 @@ def departure(student, teacher, condition, skill, queries, seed):
     return off.any(1).float().mean().item()
 
 
-def forced_slip(model, skill, queries, seed, rival=False):
+def forced_slip(model, skill, queries, seed, rival=False, asked=None):
     """Share of queries answered right after one answer token is replaced by another of its
     alphabet, at a random position (rival: the first token is the rival skill's), the rest
-    greedy."""
+    greedy. asked: the prompts the begun answer follows (default: the student's)."""
     rng, prompts, expected = random.Random(f"slip-{seed}"), [], []
-    for q in queries:
+    asked = asked or [student_prompt(skill, q) for q in queries]
+    for q, prompt in zip(queries, asked):
         right = skill_answer(skill, q)
         k = rng.randrange(len(right))
         alphabet = next(a for a in ALPHABETS if right[k] in a)
         slip = rng.choice([c for c in alphabet if c != right[k]])
         if rival:
             k, slip = 0, SKILLS[RIVALS[skill]](q)[0]
-        prompts.append(student_prompt(skill, q) + right[:k] + slip)
+        prompts.append(prompt + right[:k] + slip)
         expected.append((right[:k] + slip, right))
     outputs = answer(model, tok, prompts, device)
     return statistics.mean(final_answer(begun + out) == right
@@ -296,6 +291,10 @@ def main():
                     final_answer(o) == skill_answer(skill, q) for o, q in zip(
                         answer(base, tok, teacher_prompts(c, skill, test_queries), device),
                         test_queries)),
+                # the teacher's role: does it mend a rival start (the slips world's does)?
+                "teacher_recovery_rival": forced_slip(base, skill, test_queries, 0, rival=True,
+                                                      asked=teacher_prompts(c, skill,
+                                                                            test_queries)),
                 **measure(base, base, c, skill, test_queries, 0),
                 "first_step": first_step(base, c, skill, test_queries, 0)}
         for m in METHODS:
@@ -313,6 +312,7 @@ def main():
                                         ("test", "val", "prior_average", "prior_val")}
                                        | {"skill": s}
                                        for s in skills for seed in seeds] for x in lrs}}
+        entry["gap"] = gap(entry)
         records["conditions"][c] = entry
         print(f"{c}: measured, {clock(time.time() - t_start)}", flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -320,6 +320,13 @@ def main():
     table = write_table(records)
     print(table)
     plot(records)
+
+
+def gap(entry):
+    """SDFT minus the better offline variant, greedy and at temperature 1 (means over runs)."""
+    mean = lambda m, key: statistics.mean(r[key] for r in entry["methods"][m]["runs"])
+    return {key: mean("sdft", key) - max(mean("offline", key), mean("sft-teacher", key))
+            for key in ("test", "temperature_1")}
 
 
 def column(runs, key):
@@ -342,7 +349,8 @@ def write_table(records):
                   f"Base: plain {mean('greedy'):.2f} greedy, {mean('temperature_1'):.2f} at T=1; "
                   f"teacher {mean('teacher_greedy'):.2f}; departure {mean('departure'):.2f}; "
                   f"recovery after a forced slip {mean('recovery'):.2f}, after a rival start "
-                  f"{mean('recovery_rival'):.2f}. First step's "
+                  f"{mean('recovery_rival'):.2f} (the teacher: "
+                  f"{mean('teacher_recovery_rival'):.2f}). First step's "
                   f"divergence at positions 0 / 1 / later: {on['0']:.2f} / {on['1']:.2f} / "
                   f"{on['later']:.2f} on the student's samples, {off['0']:.2f} / {off['1']:.2f} / "
                   f"{off['later']:.2f} on the teacher's.", "",
@@ -355,16 +363,11 @@ def write_table(records):
                          f"{column(rs, 'departure')} | {column(rs, 'recovery')} | "
                          f"{column(rs, 'recovery_rival')} | "
                          f"{column(rs, 'kl_from_base')} |")
-        g = {k: {m: statistics.mean(r[k] for r in entry["methods"][m]["runs"])
-                 for m in METHODS} for k in ("test", "temperature_1")}
-        gap = {k: g[k]["sdft"] - max(g[k]["offline"], g[k]["sft-teacher"]) for k in g}
-        entry["gap"] = gap
-        lines += ["", f"Gap: {gap['test']:+.2f} greedy, {gap['temperature_1']:+.2f} at T=1.", ""]
+        g = entry["gap"]
+        lines += ["", f"Gap: {g['test']:+.2f} greedy, {g['temperature_1']:+.2f} at T=1.", ""]
     table = "\n".join(lines)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(records, f, indent=1)
     return table
 
 

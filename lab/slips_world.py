@@ -38,20 +38,19 @@ def mend_examples(rng, n, p_mend, **mixture):
     with a demonstration begins with a slip and is mended: the target is '=' and the
     demonstration's answer, begun by none or part of that mend."""
     prompts, targets = pretrain_examples(rng, n, **mixture)
-    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+    for i, prompt in enumerate(prompts):
         if "\n" not in prompt:  # asked plainly: the student's role, never mended
             continue
         head, ask = prompt.split("\n")
         answer = final_answer(head.split(":", 1)[1])  # the demonstration's (own or expert style)
-        begun = ask.split(">", 1)[1]
+        student, begun = ask.split(">", 1)
         if answer.startswith(begun) and rng.random() < p_mend:
-            ask, begun = ask[:len(ask) - len(begun)], slipped(rng, answer)
-            ask += begun
+            begun = slipped(rng, answer)
         if answer.startswith(begun):
             continue  # no departure: the target goes on with the answer, as in the skills world
         mend = "=" + answer
         j = rng.randint(0, len(mend) - 1)
-        prompts[i], targets[i] = f"{head}\n{ask}{mend[:j]}", mend[j:]
+        prompts[i], targets[i] = f"{head}\n{student}>{begun}{mend[:j]}", mend[j:]
     return prompts, targets
 
 

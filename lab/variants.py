@@ -95,19 +95,22 @@ def variant_loss(student, teacher, student_ids, student_mask, teacher_ids, teach
                                                      rollout_s, eot_id)
 
 
+def other_query_prompt(rng, skill, query, demo_style):
+    """The teacher's prompt with the demonstration of another query of the skill (drawn from the
+    training split), then the student's prompt: the teacher must generalise from one example."""
+    other = query
+    while other == query:
+        other = data.sample_query(rng, "train")
+    demo = data.demonstration(data.skill_answer(skill, other), demo_style)
+    return data.teacher_prompt(skill, other, demo).split("\n")[0] + "\n" + \
+        data.student_prompt(skill, query)
+
+
 def other_query_examples(rng, skill, n, demo_style):
-    """training.examples with each teacher prompt's demonstration made for another query of the
-    skill, then the student's prompt: the teacher must generalise in context from one example."""
+    """training.examples with other_query_prompt as each teacher prompt."""
     students, demos, _ = data.skill_examples(rng, skill, n, demo_style)
-    teachers = []
-    for student in students:
-        query = student.split(" ")[1][:-1]  # 'jab cabd>' -> 'cabd'
-        other = query
-        while other == query:
-            other = data.sample_query(rng, "train")
-        demo = data.demonstration(data.skill_answer(skill, other), demo_style)
-        teachers.append(data.teacher_prompt(skill, other, demo).split("\n")[0] + "\n" + student)
-    return students, demos, teachers
+    queries = [student.split(" ")[1][:-1] for student in students]  # 'jab cabd>' -> 'cabd'
+    return students, demos, [other_query_prompt(rng, skill, q, demo_style) for q in queries]
 
 
 def teacher_from(teacher_model):
